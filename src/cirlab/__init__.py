@@ -1,0 +1,51 @@
+"""cirlab: composed image retrieval (reference image + modification text -> target image).
+
+Importing ``cirlab`` is cheap; torch-backed parts load when used::
+
+    import cirlab
+    backbone = cirlab.create_backbone("tiny")
+    method = cirlab.create_method("sum", backbone)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_backbone", "create_method", "list_backbones", "list_datasets", "list_methods"]
+
+
+def create_backbone(spec: str, **kwargs: Any) -> Any:
+    """Builds a backbone from a name such as ``"tiny"`` or ``"hf-clip:openai/clip-vit-large-patch14"``."""
+    from cirlab.backbones import create_backbone as _create
+
+    return _create(spec, **kwargs)
+
+
+def create_method(name: str, backbone: Any, config: Any = None) -> Any:
+    """Builds a registered method around ``backbone`` (config: the method's dataclass, or None for defaults)."""
+    from cirlab.methods import create_method as _create
+
+    return _create(name, backbone, config)
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Names of the registered backbones."""
+    from cirlab.backbones import BACKBONES
+
+    return BACKBONES.list(pattern)
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Names of the registered methods."""
+    from cirlab.methods import METHODS
+
+    return METHODS.list(pattern)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Names of the registered datasets."""
+    from cirlab.data import DATASETS
+
+    return DATASETS.list(pattern)

@@ -1,0 +1,186 @@
+"""Configs are dataclasses: strict loading from dicts, YAML/JSON presets and type-checked ``--set`` overrides.
+
+Every config in cirlab is a (possibly nested) dataclass. ``from_dict`` rejects unknown keys and wrong types,
+``apply_overrides`` applies ``a.b=value`` strings the same way, so a typo in a preset or on the command line is an
+error that names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cirlab.io import atomic_write_text
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or a value has the wrong type."""
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Converts a dataclass config (recursively) into plain JSON-serialisable containers."""
+    if not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against annotation ``tp`` and converts where lossless (int -> float, list -> tuple)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    """Builds dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = _field_types(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, fields[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parses an override value as YAML (numbers, booleans, lists, null); bare words stay strings."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
+    """Returns a copy of ``cfg`` with ``key.sub=value`` overrides applied, type-checked against the fields.
+
+    Raises:
+        ConfigError: for a malformed override, an unknown key or a value of the wrong type.
+    """
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node_cls: Any = type(cfg)
+        node = data
+        for depth, part in enumerate(parts):
+            fields = _field_types(node_cls) if dataclasses.is_dataclass(node_cls) else {}
+            if part not in fields:
+                where = ".".join(parts[:depth]) or "config"
+                raise ConfigError(f"unknown config key {key!r} ({part!r} not in {where}; known: {', '.join(fields)})")
+            tp = fields[part]
+            if depth == len(parts) - 1:
+                value = _parse_value(raw)
+                if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+                    value = raw if value is not None or raw.lower() not in ("null", "none", "~") else None
+                node[part] = to_dict(_coerce(value, tp, key)) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"config key {'.'.join(parts[: depth + 1])!r} has no sub-keys")
+                node_cls, node = tp, node[part]
+    return from_dict(type(cfg), data)
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    """Loads a YAML or JSON preset into dataclass ``cls``; errors name the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot parse: {err}") from None
+    try:
+        return from_dict(cls, data or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Writes ``cfg`` as JSON or YAML (by suffix) atomically."""
+    path = Path(path)
+    data = to_dict(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    else:
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
