@@ -27,7 +27,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """Converts a dataclass config (recursively) into plain JSON-serialisable containers."""
     if not dataclasses.is_dataclass(cfg):
         raise TypeError(f"expected a dataclass instance, got {type(cfg).__name__}")
-    return dataclasses.asdict(cfg)
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(obj: Any) -> Any:
+    # Tuples become lists so that JSON and YAML (safe_dump) both serialise every config.
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -65,7 +74,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value, strict=True)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -118,9 +127,21 @@ def _parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; numbers written that way are common on command lines.
+        for number in (int, float):
+            try:
+                return number(text)
+            except ValueError:
+                pass
+    return value
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
@@ -146,9 +167,11 @@ def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
             tp = fields[part]
             if depth == len(parts) - 1:
                 value = _parse_value(raw)
-                if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
-                    value = raw if value is not None or raw.lower() not in ("null", "none", "~") else None
-                node[part] = to_dict(_coerce(value, tp, key)) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+                if _accepts_str(tp):
+                    # A string field keeps the raw text ("123" stays "123"); only an explicit null clears it.
+                    value = None if value is None and raw.lower() in ("null", "none", "~", "") else raw
+                coerced = _coerce(value, tp, key)
+                node[part] = to_dict(coerced) if dataclasses.is_dataclass(tp) else coerced
             else:
                 if not dataclasses.is_dataclass(tp):
                     raise ConfigError(f"config key {'.'.join(parts[: depth + 1])!r} has no sub-keys")

@@ -1,0 +1,213 @@
+"""Hugging Face CLIP backbone (``hf-clip``): ``transformers.CLIPModel`` + its tokenizer + PIL preprocessing.
+
+``hf-clip:openai/clip-vit-large-patch14`` loads from the hub (real code path; nothing can be downloaded in
+offline environments), ``hf-clip:path/to/dir`` from a local directory written by ``save_pretrained``. The tiny test
+backbone and the Shapes world's CLIP are this same class with small configs, so every code path is exercised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from cirlab.backbones.transforms import ImageTransform
+from cirlab.placeholder import PLACEHOLDER
+from cirlab.registry import BACKBONES
+from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _placeholder_id(tokenizer: Any) -> int:
+    """The single token id the tokenizer gives the placeholder; raises when it splits into several."""
+    ids = tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(ids)} tokens: {ids}")
+    return int(ids[0])
+
+
+class HFCLIPBackbone(nn.Module):
+    """A CLIP dual encoder exposing the cirlab backbone protocol (see ``cirlab.types.Backbone``).
+
+    Args:
+        model: a ``transformers.CLIPModel``.
+        tokenizer: the matching transformers tokenizer.
+        transform: image preprocessing (size, mean and std of the checkpoint).
+        name: the spec this backbone was created from (for cache keys and configs).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, transform: ImageTransform, name: str = "hf-clip") -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_transform = transform
+        self.name = name
+        self.placeholder_token_id = _placeholder_id(tokenizer)
+        text_cfg = model.config.text_config
+        self.context_length = int(min(text_cfg.max_position_embeddings, tokenizer.model_max_length))
+        self._fingerprint: str | None = None
+
+    # -- dimensions -------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint (projected) embedding space."""
+        return int(self.model.config.projection_dim)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the text encoder's input token embeddings (where pseudo-words live)."""
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def vision_width(self) -> int:
+        """Width of the image encoder's token states."""
+        return int(self.model.config.vision_config.hidden_size)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """CLIP's learnable log inverse temperature."""
+        return self.model.logit_scale
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> TokenBatch:
+        """Tokenises ``texts`` (padded to the longest, truncated to the context length keeping the end token)."""
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        device = self.model.logit_scale.device
+        return TokenBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, (B, L) -> (B, L, token_dim)."""
+        return self.model.text_model.embeddings.token_embedding(input_ids)
+
+    def _pool_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Same rule as transformers' CLIPTextModel: old configs (eos id 2) pool at the highest id, others at the
+        # first end-of-text token.
+        eos = self.model.text_model.eos_token_id
+        if eos == 2:
+            return input_ids.to(torch.int).argmax(dim=-1)
+        return (input_ids.to(torch.int) == eos).int().argmax(dim=-1)
+
+    def encode_text_embeds(self, input_embeds: torch.Tensor, tokens: TokenBatch) -> TextFeatures:
+        """Runs the text tower from input token embeddings (e.g. with pseudo-words spliced in).
+
+        Args:
+            input_embeds: (B, L, token_dim) input embeddings, position embeddings not yet added.
+            tokens: the token ids (used for pooling at the end token) and attention mask.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        tm = self.model.text_model
+        hidden = tm.embeddings(inputs_embeds=input_embeds)  # (B, L, w_t) with positions
+        mask = create_causal_mask(
+            config=tm.config, inputs_embeds=hidden, attention_mask=tokens.attention_mask, past_key_values=None
+        )
+        states = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        states = tm.final_layer_norm(states)  # (B, L, w_t)
+        pooled = states[torch.arange(states.shape[0], device=states.device), self._pool_positions(tokens.input_ids)]
+        return TextFeatures(self.model.text_projection(pooled), states, tokens.attention_mask)
+
+    def encode_text(self, tokens: TokenBatch | list[str]) -> TextFeatures:
+        """Encodes tokenised texts (or raw strings) into projected embeddings (B, embed_dim) and token states."""
+        if not isinstance(tokens, TokenBatch):
+            tokens = self.tokenize(tokens)
+        return self.encode_text_embeds(self.token_embeddings(tokens.input_ids), tokens)
+
+    # -- images -------------------------------------------------------------------------------------------------
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> normalised pixels (B, 3, S, S) on the backbone's device."""
+        return self.image_transform(images).to(self.model.logit_scale.device)
+
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
+        """Encodes pixels (B, 3, S, S) into projected embeddings (B, embed_dim) and token states (B, 1+n, w_v)."""
+        vm = self.model.vision_model
+        states = vm(pixel_values=pixels.to(self.model.logit_scale.dtype)).last_hidden_state  # (B, 1+n, w_v)
+        # post_layernorm is per-token, so applying it to all tokens keeps the CLS path identical to CLIP's pooling.
+        tokens = vm.post_layernorm(states)
+        return ImageFeatures(self.model.visual_projection(tokens[:, 0]), tokens)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def freeze(self) -> HFCLIPBackbone:
+        """Turns off gradients for every parameter and switches to eval mode; returns self."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def identity(self) -> str:
+        """Identity of the image path (weights + preprocessing) for feature-cache keys.
+
+        A hash of the vision tower's parameters, computed once; methods that fine-tune the image encoder must not
+        use cached features.
+        """
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=12)
+            for key, tensor in sorted(self.model.vision_model.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(self.model.visual_projection.weight.detach().cpu().float().numpy().tobytes())
+            self._fingerprint = f"{self.name}@{h.hexdigest()}"
+        return f"{self._fingerprint}/{self.image_transform.identity()}"
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes ``config.json``, ``model.safetensors``, tokenizer files and ``preprocessor_config.json``.
+
+        The directory is written beside its destination and renamed into place, so a crash leaves no half-written
+        model; it loads with ``hf-clip:<path>`` and with ``transformers.CLIPModel.from_pretrained``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.image_transform.to_hf_config(), indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, **hub_kwargs: Any) -> HFCLIPBackbone:
+        """Loads from a local directory or a Hugging Face hub id (``openai/clip-vit-large-patch14``).
+
+        Args:
+            name_or_path: local directory or hub id.
+            dtype: parameter dtype (default float32).
+            hub_kwargs: passed to transformers' ``from_pretrained`` (e.g. ``revision``, ``local_files_only``).
+        """
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        local = Path(name_or_path)
+        if local.exists() and not local.is_dir():
+            raise ValueError(f"{name_or_path}: expected a model directory, found a file")
+        if local.is_dir() and not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path}: not a model directory (no config.json)")
+        try:
+            model = CLIPModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, **hub_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+        except OSError as err:
+            raise OSError(f"cannot load CLIP weights from {name_or_path!r}: {err}") from err
+        try:
+            proc, _ = CLIPImageProcessor.get_image_processor_dict(name_or_path, **hub_kwargs)
+        except OSError:
+            proc = {}
+        transform = ImageTransform.from_hf_config(proc, default_size=model.config.vision_config.image_size)
+        return cls(model.eval(), tokenizer, transform, name=f"hf-clip:{name_or_path}")
+
+
+@BACKBONES.register("hf-clip")
+def hf_clip(weights: str = "openai/clip-vit-large-patch14", **kwargs: Any) -> HFCLIPBackbone:
+    """Hugging Face CLIP from a hub id or a local directory: ``hf-clip:openai/clip-vit-large-patch14``."""
+    return HFCLIPBackbone.from_pretrained(weights, **kwargs)

@@ -1,0 +1,86 @@
+"""Small random-initialised CLIPs built offline: the ``tiny`` test backbone and the Shapes world's CLIP.
+
+Both are ``transformers.CLIPModel`` instances wrapped by ``HFCLIPBackbone``, so saving one and loading it back as
+``hf-clip:<dir>`` exercises exactly the code path real checkpoints use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cirlab.backbones.hf_clip import HFCLIPBackbone
+from cirlab.backbones.tokenizer import BASIC_CORPUS, train_bpe_tokenizer
+from cirlab.backbones.transforms import ImageTransform
+from cirlab.registry import BACKBONES
+
+
+@dataclass
+class SmallCLIPConfig:
+    """Architecture of a small CLIP (both towers pre-LN transformers, as in CLIP).
+
+    Defaults are the ``tiny`` test backbone: 32 px images, a few layers, runs in milliseconds on a CPU.
+    """
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    mlp_ratio: int = 4
+    embed_dim: int = 32
+    context_length: int = 32
+    vocab_size: int = 400
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+
+def build_small_clip(cfg: SmallCLIPConfig, corpus: Iterable[str], seed: int = 0, name: str = "tiny") -> HFCLIPBackbone:
+    """Builds a random-initialised CLIP and trains its byte-level BPE tokenizer on ``corpus``.
+
+    Initialisation uses a forked RNG seeded with ``seed`` so the global torch RNG is left untouched.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=cfg.vocab_size, max_length=cfg.context_length)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.text_width,
+        "intermediate_size": cfg.text_width * cfg.mlp_ratio,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.text_heads,
+        "max_position_embeddings": cfg.context_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "projection_dim": cfg.embed_dim,
+    }
+    vision = {
+        "hidden_size": cfg.vision_width,
+        "intermediate_size": cfg.vision_width * cfg.mlp_ratio,
+        "num_hidden_layers": cfg.vision_layers,
+        "num_attention_heads": cfg.vision_heads,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "projection_dim": cfg.embed_dim,
+    }
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    transform = ImageTransform(size=cfg.image_size, resize_to=cfg.image_size, mean=cfg.mean, std=cfg.std)
+    return HFCLIPBackbone(model, tokenizer, transform, name=name)
+
+
+@BACKBONES.register("tiny")
+def tiny(weights: str | None = None, seed: int = 0, **overrides: Any) -> HFCLIPBackbone:
+    """A tiny random CLIP (32 px, 2+2 layers, width 32) for tests; ``weights`` is unused (always random)."""
+    if weights:
+        raise ValueError("the 'tiny' backbone is random-initialised and takes no weights; use hf-clip:<dir>")
+    return build_small_clip(SmallCLIPConfig(**overrides), BASIC_CORPUS.split(" . "), seed=seed, name="tiny")

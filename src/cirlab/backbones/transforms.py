@@ -1,0 +1,120 @@
+"""Image preprocessing with PIL + torch (no torchvision): resize, centre crop, normalise.
+
+The transform travels with the backbone's weights (open_clip's habit): its size, mean and std are read from the
+backbone's own config (``preprocessor_config.json`` for Hugging Face CLIP directories).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL resampling filters by the integer codes Hugging Face image processors store in their configs.
+_RESAMPLE = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """CLIP-style preprocessing: resize the shortest edge to ``resize_to``, centre crop ``size``, normalise.
+
+    Attributes:
+        size: side of the square crop fed to the model.
+        resize_to: target of the shortest edge before cropping (CLIP uses the crop size).
+        mean: per-channel mean, in [0, 1] units.
+        std: per-channel std, in [0, 1] units.
+        resample: PIL filter code (3 = bicubic, as CLIP).
+    """
+
+    size: int = 224
+    resize_to: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: int = 3
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def identity(self) -> str:
+        """A short stable hash of the settings, used in feature-cache keys."""
+        payload = json.dumps([self.size, self.resize_to, list(self.mean), list(self.std), self.resample])
+        return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """Resizes and crops one PIL image; returns float32 (3, size, size), normalised."""
+        image = image.convert("RGB")
+        w, h = image.size
+        # Same size rule as CLIP's reference preprocessing: the long side is truncated, not rounded.
+        short, long = min(w, h), max(w, h)
+        new_short, new_long = self.resize_to, int(self.resize_to * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC))
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        arr = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, size, size)
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """Preprocesses a list of PIL images into a float32 batch (B, 3, size, size)."""
+        import torch
+
+        if not images:
+            return torch.empty(0, 3, self.size, self.size)
+        return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The settings as a ``CLIPImageProcessor`` ``preprocessor_config.json`` (readable by transformers)."""
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"shortest_edge": self.resize_to},
+            "resample": self.resample,
+            "do_center_crop": True,
+            "crop_size": {"height": self.size, "width": self.size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], default_size: int = 224) -> ImageTransform:
+        """Reads a Hugging Face image-processor dict (``size``/``crop_size`` as ints or dicts)."""
+        crop = cfg.get("crop_size", default_size)
+        if isinstance(crop, dict):
+            crop = crop.get("height", crop.get("shortest_edge", default_size))
+        size = cfg.get("size", crop)
+        if isinstance(size, dict):
+            size = size.get("shortest_edge", size.get("height", crop))
+        return cls(
+            size=int(crop),
+            resize_to=int(size),
+            mean=tuple(float(x) for x in cfg.get("image_mean", OPENAI_CLIP_MEAN)),
+            std=tuple(float(x) for x in cfg.get("image_std", OPENAI_CLIP_STD)),
+            resample=int(cfg.get("resample", 3)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for configs."""
+        d = asdict(self)
+        d.pop("extra")
+        return d

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random backbone and its saved directory (everything offline, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: make any accidental hub access fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """A frozen tiny CLIP (32 px, width 32); do not modify it in tests (it is shared)."""
+    import torch
+
+    import cirlab
+
+    torch.set_num_threads(2)
+    return cirlab.create_backbone("tiny").freeze()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, tiny_backbone) -> Path:
+    """The tiny backbone saved with ``save_pretrained`` (loads as ``hf-clip:<dir>``)."""
+    path = tmp_path_factory.mktemp("tiny-clip") / "model"
+    tiny_backbone.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real benchmark annotation files beside the checkout; tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"benchmark annotations not found at {SHARED_DATA}")
+    return SHARED_DATA
