@@ -1,0 +1,211 @@
+"""The uniform method API (STYLE.md rule 5) and the checkpoint format every method shares.
+
+A method composes L2-normalised queries (B, d) from reference-image features and texts, embeds gallery images
+into the same space, declares its training stages (each with the kind of data it reads) and saves only what it
+trained. Methods receive image *features* (``ImageFeatures``), so a frozen image encoder's outputs can come from
+the feature cache; methods that fine-tune the image encoder set ``image_encoder_frozen = False`` and get pixels
+encoded by their own (trainable) backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.config import from_dict, to_dict
+from cirlab.io import atomic_path, atomic_write_json, read_json
+from cirlab.registry import METHODS
+from cirlab.types import ImageFeatures
+
+DataKind = Literal["images", "pairs", "captions", "triplets", "synthetic_triplets"]
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a method.
+
+    Attributes:
+        name: stage name (``cirlab train --stage NAME``).
+        data: what the stage reads: ``images`` (images only), ``pairs`` (image + caption), ``captions`` (text
+            only), ``triplets`` (the benchmark's supervised train triplets) or ``synthetic_triplets``.
+        zero_shot: True when the stage never sees a benchmark's human-annotated triplets.
+    """
+
+    name: str
+    data: DataKind
+    zero_shot: bool = True
+
+
+@dataclass
+class EmptyConfig:
+    """Config of a method without settings."""
+
+
+class CIRMethod(nn.Module):
+    """Base class of every composed-retrieval method.
+
+    Subclasses set ``name`` (via ``register_method``), ``config_class``, ``stages`` and implement ``compose``; trained
+    methods also implement ``trainable_parameters`` and ``training_loss``. A method that adds modules inside the
+    backbone (LoRA) or fine-tunes it must work on its own copy (``copy.deepcopy``): backbones are shared.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = EmptyConfig
+    stages: ClassVar[tuple[Stage, ...]] = ()
+    needs_image_tokens: ClassVar[bool] = False
+    supervised: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, config: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # Keys the backbone had before the method added anything (e.g. LoRA adapters); see trained_state_dict.
+        self._backbone_keys = set(backbone.state_dict())
+        self._finetuned_keys: set[str] = set()
+        self._image_encoder_finetuned = False
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"{self.name}: expected {self.config_class.__name__}, got {type(self.config).__name__}")
+
+    # -- inference -------------------------------------------------------------------------------------------------
+    @property
+    def image_encoder_frozen(self) -> bool:
+        """Whether image features depend only on the (frozen) backbone, so cached features are valid."""
+        return (
+            not any(p.requires_grad for p in self.backbone.model.vision_model.parameters())
+            and not self._image_encoder_finetuned
+        )
+
+    def encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
+        """Encodes pixels with the method's image encoder (the backbone's unless a method overrides it)."""
+        return self.backbone.encode_image(pixels)
+
+    def encode_gallery(self, images: ImageFeatures) -> torch.Tensor:
+        """Gallery embeddings (N, d), L2-normalised; by default the backbone's image embedding."""
+        return F.normalize(images.embeds.float(), dim=-1)
+
+    def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
+        """Composed queries (B, d), L2-normalised, from reference-image features and modification texts."""
+        raise NotImplementedError
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``; raises ``KeyError`` listing the method's stages."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"{self.name} has no stage {name!r}; stages: {[s.name for s in self.stages] or 'none'}")
+
+    def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
+        """Parameters trained in ``stage`` (everything else stays frozen)."""
+        raise NotImplementedError(f"{self.name} has no trainable stage")
+
+    def training_loss(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss of one batch of ``stage``'s data: a dict with ``loss`` and optional logged scalars."""
+        raise NotImplementedError(f"{self.name} has no trainable stage")
+
+    def prepare_stage(self, stage: str) -> None:
+        """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""
+        trainable = {id(p) for p in self.trainable_parameters(stage)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        backbone_trained = {id(p) for p in self.backbone.model.vision_model.parameters()} & trainable
+        if backbone_trained:
+            self._image_encoder_finetuned = True
+
+    # -- persistence -----------------------------------------------------------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the method owns (not the backbone), plus backbone tensors it fine-tuned or added."""
+        finetuned = self._finetuned_keys
+
+        def owned(key: str) -> bool:
+            return not key.startswith("backbone.") or key.removeprefix("backbone.") not in self._backbone_keys
+
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if owned(k) or k in finetuned}
+
+    def mark_backbone_finetuned(self, stage: str) -> None:
+        """Records which backbone tensors ``stage`` trains, so checkpoints include them."""
+        ids = {id(p) for p in self.trainable_parameters(stage)}
+        names = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if id(p) in ids}
+        self._finetuned_keys = self._finetuned_keys | names
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Writes ``config.json`` (method, backbone, config) and ``model.safetensors`` (trained parts only)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(self.trained_state_dict(), str(tmp), metadata={"method": self.name})
+        meta = {
+            "method": self.name,
+            "backbone": self.backbone.name,
+            "config": to_dict(self.config),
+            "finetuned_backbone_keys": sorted(self._finetuned_keys),
+            **(extra or {}),
+        }
+        atomic_write_json(path / CONFIG_FILE, meta)
+
+
+def register_method(name: str):
+    """Class decorator: registers a ``CIRMethod`` subclass under ``name`` and sets its ``name``."""
+
+    def decorator(cls: type[CIRMethod]) -> type[CIRMethod]:
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return decorator
+
+
+def create_method(name: str, backbone: nn.Module, config: Any = None) -> CIRMethod:
+    """Builds registered method ``name`` around ``backbone``; ``config`` may be a dataclass, a dict or None."""
+    cls = METHODS.get(name)
+    if isinstance(config, dict):
+        config = from_dict(cls.config_class, config)
+    return cls(backbone, config)
+
+
+def load_method(path: str | Path, backbone: nn.Module | None = None, device: str | torch.device = "cpu") -> CIRMethod:
+    """Loads a checkpoint directory written by ``CIRMethod.save`` (the backbone is rebuilt from its spec).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the directory and the missing or mismatched tensors.
+    """
+    from safetensors.torch import load_file
+
+    from cirlab.backbones import create_backbone
+
+    path = Path(path)
+    meta = read_json(path / CONFIG_FILE)
+    for key in ("method", "backbone", "config"):
+        if key not in meta:
+            raise ValueError(f"{path / CONFIG_FILE}: missing key {key!r}")
+    if backbone is None:
+        backbone = create_backbone(meta["backbone"])
+    method = create_method(meta["method"], backbone.freeze(), meta["config"])
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: file not found")
+    state = load_file(str(weights))
+    own = method.trained_state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    result = method.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{weights}: unexpected tensors {result.unexpected_keys[:5]}")
+    method._finetuned_keys = set(meta.get("finetuned_backbone_keys", []))
+    return method.to(device).eval()
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text())

@@ -1,0 +1,167 @@
+"""Training batches as pure functions of the step, read from cached image features (or, for comparison and for
+methods that fine-tune the image encoder, from pixels encoded on the fly).
+
+Determinism: the examples of step ``s`` come from a permutation seeded by ``(seed, epoch)``, so a resumed run
+replays exactly the batches an uninterrupted run would have seen, without saving any data-loader state.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cirlab.types import ImageFeatures
+
+
+@dataclass
+class FeatureTable:
+    """Image features addressable by name: ``embeds`` (N, d) and optional patch ``tokens`` (N, 1 + n, w)."""
+
+    names: list[str]
+    embeds: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.names)}
+        if len(self.index) != len(self.names):
+            raise ValueError("feature table names must be unique")
+        if self.embeds.shape[0] != len(self.names):
+            raise ValueError(f"{len(self.names)} names but {self.embeds.shape[0]} embeddings")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows(self, names: Sequence[str]) -> torch.Tensor:
+        """Row indices of ``names``; an unknown name raises ``KeyError`` naming it."""
+        try:
+            return torch.tensor([self.index[n] for n in names], dtype=torch.long)
+        except KeyError as err:
+            raise KeyError(f"image {err.args[0]!r} has no features in this table") from None
+
+    def gather(self, rows: torch.Tensor) -> ImageFeatures:
+        """Features of the given rows, as float32 (tokens may be stored in float16 to save memory)."""
+        tokens = self.tokens[rows].float() if self.tokens is not None else torch.empty(len(rows), 0, 0)
+        return ImageFeatures(self.embeds[rows].float(), tokens)
+
+
+@dataclass
+class PixelTable:
+    """Images encoded on every access (the slow path: for fine-tuned image encoders and for benchmarks)."""
+
+    names: list[str]
+    pixels: Callable[[torch.Tensor], torch.Tensor]
+    encode: Callable[[torch.Tensor], ImageFeatures]
+
+    def __post_init__(self) -> None:
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows(self, names: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.index[n] for n in names], dtype=torch.long)
+
+    def gather(self, rows: torch.Tensor) -> ImageFeatures:
+        return self.encode(self.pixels(rows))
+
+
+def epoch_indices(n: int, batch_size: int, step: int, micro: int, grad_accum: int, seed: int) -> torch.Tensor:
+    """Example indices of micro-batch ``micro`` of ``step``: consecutive slices of per-epoch permutations.
+
+    A batch holds ``min(batch_size, n)`` examples; one that straddles an epoch boundary takes the end of one
+    permutation and the start of the next.
+    """
+    if n <= 0:
+        raise ValueError("cannot sample batches from an empty training set")
+    b = min(batch_size, n)
+    start = (step * grad_accum + micro) * b
+    perms: dict[int, torch.Tensor] = {}
+    out = []
+    for position in range(start, start + b):
+        epoch, offset = divmod(position, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _choice_rng(seed: int, step: int, micro: int) -> random.Random:
+    return random.Random(f"{seed}/{step}/{micro}")
+
+
+@dataclass
+class Triplet:
+    """A (reference image, modification text, target image) training example; images by name."""
+
+    reference: str
+    text: str
+    target: str
+
+
+def make_batch_fn(
+    kind: str,
+    batch_size: int,
+    seed: int,
+    grad_accum: int = 1,
+    images: FeatureTable | PixelTable | None = None,
+    captions: Sequence[Sequence[str]] | None = None,
+    triplets: Sequence[Triplet] | None = None,
+    hard_negatives: Callable[[torch.Tensor], ImageFeatures] | None = None,
+) -> Callable[[int, int], dict[str, Any]]:
+    """Builds ``(step, micro) -> batch`` for a stage's data kind.
+
+    Args:
+        kind: ``images`` | ``pairs`` | ``captions`` | ``triplets`` | ``synthetic_triplets``.
+        batch_size: examples per micro-batch.
+        seed: data-order seed.
+        grad_accum: micro-batches per step (so consecutive micro-batches take consecutive slices).
+        images: image features for ``images``/``pairs`` (row i = image i) and for triplets (looked up by name).
+        captions: per image, its captions (``pairs``; one is drawn per step) or, for ``captions``, the corpus.
+        triplets: training triplets.
+        hard_negatives: optional ``target rows (B,) -> ImageFeatures (B, k)`` for mined negatives.
+    """
+
+    def batch(step: int, micro: int) -> dict[str, Any]:
+        rng = _choice_rng(seed, step, micro)
+        if kind == "images":
+            idx = epoch_indices(len(images), batch_size, step, micro, grad_accum, seed)
+            return {"image": images.gather(idx)}
+        if kind == "pairs":
+            idx = epoch_indices(len(images), batch_size, step, micro, grad_accum, seed)
+            return {"image": images.gather(idx), "caption": [rng.choice(captions[i]) for i in idx.tolist()]}
+        if kind == "captions":
+            flat = captions
+            idx = epoch_indices(len(flat), batch_size, step, micro, grad_accum, seed)
+            return {"caption": [rng.choice(flat[i]) if not isinstance(flat[i], str) else flat[i] for i in idx]}
+        if kind in ("triplets", "synthetic_triplets"):
+            idx = epoch_indices(len(triplets), batch_size, step, micro, grad_accum, seed)
+            chosen = [triplets[i] for i in idx.tolist()]
+            target_rows = images.rows([t.target for t in chosen])
+            out = {
+                "ref": images.gather(images.rows([t.reference for t in chosen])),
+                "text": [t.text for t in chosen],
+                "target": images.gather(target_rows),
+                "target_rows": target_rows,
+            }
+            if hard_negatives is not None:
+                out["hard_negatives"] = hard_negatives(target_rows)
+            return out
+        raise ValueError(f"unknown data kind {kind!r}")
+
+    return batch
+
+
+def mine_hard_negatives(embeds: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """For every row, the ``k`` nearest other rows by cosine similarity (N, k), the row itself excluded."""
+    normed = torch.nn.functional.normalize(embeds.float(), dim=-1)
+    out = []
+    for start in range(0, len(normed), chunk):
+        sims = normed[start : start + chunk] @ normed.t()  # (c, N)
+        sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -np.inf
+        out.append(sims.topk(min(k, len(normed) - 1), dim=1).indices)
+    return torch.cat(out)

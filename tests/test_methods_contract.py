@@ -1,0 +1,142 @@
+"""Contract tests run over every registered method (STYLE.md rule 11)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cirlab
+from cirlab.methods import METHODS, create_method, load_method
+from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
+from cirlab.training.loop import TrainConfig, train
+
+CAPTIONS = [
+    ["a large red circle at the top left", "top left: a big red circle"],
+    ["a small blue square at the center", "center: a little blue square"],
+    ["a large green star at the bottom right and a small red circle at the top"],
+    ["a small yellow triangle on the left", "left: a small yellow triangle"],
+]
+TEXTS = ["make the red circle blue", "remove the square", "add a small green star at the top right"]
+
+
+@pytest.fixture(scope="module")
+def table(tiny_backbone) -> FeatureTable:
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(24, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        feats = tiny_backbone.encode_image(pixels)
+    return FeatureTable([f"img{i}" for i in range(24)], feats.embeds, feats.tokens.half())
+
+
+def _batch_fn(kind: str, table: FeatureTable, batch_size: int = 8):
+    triplets = [Triplet(f"img{i}", TEXTS[i % 3], f"img{(i * 7 + 3) % 24}") for i in range(24)]
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(table))]
+    if kind == "captions":
+        captions = [c for group in CAPTIONS for c in group]
+    return make_batch_fn(kind, batch_size, seed=0, images=table, captions=captions, triplets=triplets)
+
+
+def _method(name: str, backbone):
+    return create_method(name, copy.deepcopy(backbone)).eval()
+
+
+ALL = METHODS.list()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_compose_shapes_and_norm(name, tiny_backbone, table):
+    method = _method(name, tiny_backbone)
+    ref = table.gather(torch.arange(3))
+    with torch.no_grad():
+        q = method.compose(ref, TEXTS)
+        g = method.encode_gallery(table.gather(torch.arange(5)))
+    assert q.shape == (3, tiny_backbone.embed_dim) and g.shape == (5, tiny_backbone.embed_dim)
+    assert torch.isfinite(q).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batched_and_single_composition_agree(name, tiny_backbone, table):
+    method = _method(name, tiny_backbone)
+    ref = table.gather(torch.arange(3))
+    with torch.no_grad():
+        batched = method.compose(ref, TEXTS)
+        single = torch.cat([method.compose(table.gather(torch.tensor([i])), [TEXTS[i]]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+STAGES = [(name, stage.name) for name in ALL for stage in METHODS.get(name).stages]
+
+
+@pytest.mark.parametrize(("name", "stage"), STAGES)
+def test_only_intended_parameters_train(name, stage, tiny_backbone, table):
+    method = _method(name, tiny_backbone)
+    method.prepare_stage(stage)
+    trainable = {id(p) for p in method.trainable_parameters(stage)}
+    assert trainable, f"{name}/{stage} trains nothing"
+    frozen_before = {n: p.detach().clone() for n, p in method.named_parameters() if id(p) not in trainable}
+    batch = _batch_fn(method.stage(stage).data, table)(0, 0)
+    method.train()
+    loss = method.training_loss(stage, batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    for n, p in method.named_parameters():
+        if id(p) in trainable:
+            assert p.grad is not None, f"{name}/{stage}: no gradient reaches {n}"
+        else:
+            assert p.grad is None, f"{name}/{stage}: frozen {n} got a gradient"
+    torch.optim.SGD(list(method.trainable_parameters(stage)), lr=0.1).step()
+    for n, p in method.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"{name}/{stage}: frozen {n} changed"
+
+
+@pytest.mark.parametrize(("name", "stage"), STAGES)
+def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, tmp_path):
+    method = _method(name, tiny_backbone)
+    method.prepare_stage(stage)
+    kind = method.stage(stage).data
+    batch_fn = _batch_fn(kind, table, batch_size=24 if kind != "captions" else 7)
+    fixed = batch_fn(0, 0)
+    torch.manual_seed(0)
+    method.eval()  # no dropout: measure the loss itself, not its noise
+    with torch.no_grad():
+        before = method.training_loss(stage, fixed)["loss"].item()
+    cfg = TrainConfig(steps=40, batch_size=24, lr=3e-3, warmup=0.0, progress=False, log_every=100)
+    train(
+        method,
+        method.trainable_parameters(stage),
+        lambda s, m: fixed,
+        lambda b: method.training_loss(stage, b),
+        cfg,
+        tmp_path / "run",
+        resume=False,
+    )
+    method.eval()
+    with torch.no_grad():
+        after = method.training_loss(stage, fixed)["loss"].item()
+    assert after < before, f"{name}/{stage}: loss {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_load_round_trip(name, tiny_backbone, table, tmp_path):
+    method = _method(name, tiny_backbone)
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.requires_grad or not any(p is q for q in method.backbone.parameters()):
+                p.add_(0.01 * torch.randn_like(p))
+    method.save(tmp_path / "ckpt")
+    loaded = load_method(tmp_path / "ckpt", backbone=copy.deepcopy(tiny_backbone))
+    ref = table.gather(torch.arange(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.compose(ref, TEXTS), method.compose(ref, TEXTS))
+    # Only what the method trained is saved: none of the (frozen) backbone's own tensors.
+    saved = set(method.trained_state_dict())
+    backbone_own = {f"backbone.{k}" for k in tiny_backbone.state_dict()}
+    assert not (saved & backbone_own - method._finetuned_keys)
+
+
+def test_list_shows_methods():
+    assert {"image-only", "text-only", "sum", "pic2word", "searle", "lincir", "combiner"} <= set(cirlab.list_methods())
