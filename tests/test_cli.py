@@ -46,3 +46,29 @@ def test_missing_extra_names_it():
 
     with pytest.raises(MissingExtraError, match=r"pip install 'cirlab\[faiss\]'"):
         require("cirlab_no_such_module", extra="faiss")
+
+
+def test_exit_codes_of_commands_propagate():
+    import typer
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def fail() -> None:
+        raise typer.Exit(3)
+
+    @probe.command()
+    def ok() -> None:
+        """Succeeds."""
+
+    import sys
+
+    main_module = sys.modules["cirlab.cli.main"]
+
+    original = main_module.app
+    main_module.app = probe
+    try:
+        assert main_module.main(["fail"]) == 3
+        assert main_module.main(["ok"]) == 0
+    finally:
+        main_module.app = original

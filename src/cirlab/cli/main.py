@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI with ``argv`` (default: ``sys.argv[1:]``) and returns the exit code instead of exiting."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="cirlab", standalone_mode=False)
+        # Without standalone mode click returns a command's exit code (typer.Exit) instead of raising it.
+        rc = app(args=args, prog_name="cirlab", standalone_mode=False)
+        return int(rc or 0) if isinstance(rc, int) else 0
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except SystemExit as exc:
@@ -95,7 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         typer.echo(f"error: {exc}", err=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
