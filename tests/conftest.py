@@ -39,3 +39,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark annotations not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def quick_shapes_root(tmp_path_factory) -> Path:
+    """A root holding the quick Shapes world and its pretrained CLIP, built once per test session."""
+    from cirlab.experiments.shapes_env import prepare_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    prepare_shapes(quick=True, root=root, log=lambda message: None)
+    return root

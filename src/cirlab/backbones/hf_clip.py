@@ -187,7 +187,8 @@ class HFCLIPBackbone(nn.Module):
             dtype: parameter dtype (default float32).
             hub_kwargs: passed to transformers' ``from_pretrained`` (e.g. ``revision``, ``local_files_only``).
         """
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel
+        from transformers.image_processing_base import ImageProcessingMixin
 
         local = Path(name_or_path)
         if local.exists() and not local.is_dir():
@@ -200,7 +201,8 @@ class HFCLIPBackbone(nn.Module):
         except OSError as err:
             raise OSError(f"cannot load CLIP weights from {name_or_path!r}: {err}") from err
         try:
-            proc, _ = CLIPImageProcessor.get_image_processor_dict(name_or_path, **hub_kwargs)
+            # Only the settings are read (no processor is built), so no torchvision-backed class is involved.
+            proc, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path, **hub_kwargs)
         except OSError:
             proc = {}
         transform = ImageTransform.from_hf_config(proc, default_size=model.config.vision_config.image_size)

@@ -79,6 +79,19 @@ class ImageTransform:
             return torch.empty(0, 3, self.size, self.size)
         return torch.from_numpy(np.stack([self.to_array(im) for im in images]))
 
+    def from_uint8(self, images: np.ndarray) -> torch.Tensor:
+        """Preprocesses a uint8 batch (B, H, W, 3); square images of the model's size skip PIL entirely."""
+        import torch
+
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (B, H, W, 3), got shape {images.shape}")
+        if images.shape[1] != self.size or images.shape[2] != self.size:
+            return self([Image.fromarray(np.asarray(im)) for im in images])
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
     def to_hf_config(self) -> dict[str, Any]:
         """The settings as a ``CLIPImageProcessor`` ``preprocessor_config.json`` (readable by transformers)."""
         return {

@@ -3,7 +3,7 @@
 Importing this package registers the benchmark loaders in ``DATASETS``; none of them imports torch.
 """
 
-from cirlab.data import circo, cirr, fashioniq
+from cirlab.data import circo, cirr, fashioniq, shapes
 from cirlab.data.benchmark import AnnotationError, CIRQuery, CIRSplit, Protocol, load_splits
 from cirlab.registry import DATASETS
 

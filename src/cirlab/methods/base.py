@@ -23,7 +23,7 @@ from cirlab.io import atomic_path, atomic_write_json, read_json
 from cirlab.registry import METHODS
 from cirlab.types import ImageFeatures
 
-DataKind = Literal["images", "pairs", "captions", "triplets", "synthetic_triplets"]
+DataKind = Literal["images", "pairs", "captions", "triplets", "synthetic_triplets", "pseudo_triplets"]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -110,6 +110,10 @@ class CIRMethod(nn.Module):
     def training_loss(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss of one batch of ``stage``'s data: a dict with ``loss`` and optional logged scalars."""
         raise NotImplementedError(f"{self.name} has no trainable stage")
+
+    def hard_negatives(self, stage: str) -> int:
+        """Mined hard negatives per example a triplet stage wants in ``batch["hard_negatives"]`` (B * k images)."""
+        return 0
 
     def prepare_stage(self, stage: str) -> None:
         """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""

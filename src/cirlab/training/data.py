@@ -15,38 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cirlab.features.table import FeatureTable
 from cirlab.types import ImageFeatures
 
-
-@dataclass
-class FeatureTable:
-    """Image features addressable by name: ``embeds`` (N, d) and optional patch ``tokens`` (N, 1 + n, w)."""
-
-    names: list[str]
-    embeds: torch.Tensor
-    tokens: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self.index = {n: i for i, n in enumerate(self.names)}
-        if len(self.index) != len(self.names):
-            raise ValueError("feature table names must be unique")
-        if self.embeds.shape[0] != len(self.names):
-            raise ValueError(f"{len(self.names)} names but {self.embeds.shape[0]} embeddings")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def rows(self, names: Sequence[str]) -> torch.Tensor:
-        """Row indices of ``names``; an unknown name raises ``KeyError`` naming it."""
-        try:
-            return torch.tensor([self.index[n] for n in names], dtype=torch.long)
-        except KeyError as err:
-            raise KeyError(f"image {err.args[0]!r} has no features in this table") from None
-
-    def gather(self, rows: torch.Tensor) -> ImageFeatures:
-        """Features of the given rows, as float32 (tokens may be stored in float16 to save memory)."""
-        tokens = self.tokens[rows].float() if self.tokens is not None else torch.empty(len(rows), 0, 0)
-        return ImageFeatures(self.embeds[rows].float(), tokens)
+__all__ = ["FeatureTable", "PixelTable", "Triplet", "epoch_indices", "make_batch_fn", "mine_hard_negatives"]
 
 
 @dataclass
@@ -138,7 +110,7 @@ def make_batch_fn(
             flat = captions
             idx = epoch_indices(len(flat), batch_size, step, micro, grad_accum, seed)
             return {"caption": [rng.choice(flat[i]) if not isinstance(flat[i], str) else flat[i] for i in idx]}
-        if kind in ("triplets", "synthetic_triplets"):
+        if kind in ("triplets", "synthetic_triplets", "pseudo_triplets"):
             idx = epoch_indices(len(triplets), batch_size, step, micro, grad_accum, seed)
             chosen = [triplets[i] for i in idx.tolist()]
             target_rows = images.rows([t.target for t in chosen])

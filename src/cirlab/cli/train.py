@@ -1,0 +1,189 @@
+"""Training and evaluation commands: ``demo``, ``train``, ``eval``, ``submit`` (heavy imports inside commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+_ROOT = Path("runs/shapes")
+_SET_HELP = "Config override KEY=VALUE, type-checked (repeatable), e.g. mapping.steps=100 or method.prompt='$ {text}'."
+
+
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (results.json, chart.png, report.html).")] = Path(
+        "runs/demo"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="Small world and short schedules; same code path.")] = False,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (mean ± std when > 1).")] = 1,
+    methods: Annotated[
+        list[str] | None, typer.Option("--method", help="Only these methods (repeatable); default: all.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild the world, the CLIP and every method.")] = False,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+) -> None:
+    """Run the main job on the Shapes world: build it, pretrain its CLIP, train and evaluate every method.
+
+    Prints one table (methods x metrics, seen vs held-out) and writes results.json, chart.png and report.html.
+    Everything already built is reused (content-addressed); --force rebuilds.
+
+    Example: `cirlab demo --quick`
+    """
+    import time
+
+    import torch
+
+    from cirlab.experiments.demo import run_demo
+    from cirlab.experiments.report import bar_chart, html_report, markdown_table, print_table
+    from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.io import atomic_write_json, atomic_write_text
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    env = prepare_shapes(quick=quick, root=root, force=force, log=typer.echo)
+    clip = ", ".join(f"{k} {v:.1f}" for k, v in env.clip_metrics.items())
+    typer.echo(f"Shapes CLIP zero-shot retrieval on held-out scenes (%): {clip}")
+    results = run_demo(env, out, methods, seeds=tuple(range(seeds)), quick=quick, force=force, log=typer.echo)
+    results["seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown_table(results) + "\n")
+    bar_chart(results, out / "chart.png")
+    html_report(results, results["showcase"], env.source.split("cirr/test1"), out / "report.html")
+    print_table(results)
+    typer.echo(
+        f"wrote {out / 'results.json'}, {out / 'chart.png'}, {out / 'report.html'} in {results['seconds']:.0f} s"
+    )
+
+
+def train_cmd(
+    method: Annotated[str, typer.Argument(help="Registered method name (see `cirlab list`).")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Training data: shapes (the embedded world).")] = "shapes",
+    preset: Annotated[str, typer.Option("--preset", help="Packaged preset name or a YAML/JSON file.")] = "shapes",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Checkpoint directory (default runs/train/METHOD).")] = None,
+    stage: Annotated[list[str] | None, typer.Option("--stage", help="Only these stages (repeatable).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and data order.")] = 0,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+) -> None:
+    """Train a method; writes a checkpoint directory (config.json + model.safetensors of the trained parts).
+
+    Stages resume from their last checkpoint when re-run with the same --out.
+
+    Example: `cirlab train pic2word --dataset shapes --set mapping.steps=200 --out runs/p2w`
+    """
+    import dataclasses
+
+    import torch
+
+    from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.methods import METHODS, create_method
+    from cirlab.training.run import fit, load_run_config
+
+    if dataset != "shapes":
+        raise typer.BadParameter(
+            f"dataset {dataset!r} is not supported for training yet; use shapes", param_hint="--dataset"
+        )
+    cls = METHODS.get(method)
+    run_cfg = load_run_config(method, preset, overrides or [])
+    run_cfg = dataclasses.replace(
+        run_cfg, seed=seed, **{s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
+    )
+    env = prepare_shapes(quick=quick, root=root, log=typer.echo)
+    torch.manual_seed(seed)
+    model = create_method(method, env.backbone, run_cfg.method)
+    out = out or Path("runs/train") / method
+    if not cls.stages:
+        model.save(out)
+        typer.echo(f"{method} is training-free; saved its config to {out}")
+        return
+    report = fit(model, env.source, run_cfg, out, stages=stage)
+    typer.echo(json.dumps(report, indent=2))
+    typer.echo(f"checkpoint: {out}")
+
+
+def eval_cmd(
+    method: Annotated[
+        str | None, typer.Argument(help="Registered method (training-free) when no --checkpoint.")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint directory.")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="shapes | cirr | fashioniq | circo")] = "shapes",
+    split: Annotated[
+        str, typer.Option("--split", help="Split with ground truth (shapes: cirr/val, circo/test, ...).")
+    ] = "cirr/val",
+    annotations: Annotated[Path | None, typer.Option("--annotations", help="Benchmark root (real datasets).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image root (real datasets).")] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", help="Backbone spec for a training-free method.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+) -> None:
+    """Evaluate a method on a benchmark split with ground truth; prints a table and writes JSON.
+
+    Example: `cirlab eval --checkpoint runs/p2w --dataset shapes --split cirr/test1`
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from cirlab.data.benchmark import load_splits
+    from cirlab.evaluation.evaluate import evaluate
+    from cirlab.evaluation.protocols import combine_metrics
+    from cirlab.features.cache import FeatureCache, default_cache_dir
+    from cirlab.io import atomic_write_json
+    from cirlab.methods import create_method, load_method
+
+    if (method is None) == (checkpoint is None):
+        raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    if dataset == "shapes":
+        from cirlab.experiments.shapes_env import prepare_shapes
+
+        env = prepare_shapes(quick=quick, root=root, log=typer.echo)
+        model = load_method(checkpoint, backbone=env.backbone) if checkpoint else create_method(method, env.backbone)
+        result = evaluate(
+            model,
+            env.source.split(split),
+            features=env.source.features(split, env.backbone, model.needs_image_tokens),
+            subsets=env.source.subsets(split) if "test" in split else None,
+        )
+        typer.echo(result.conventions)
+        metrics = {"all": result.metrics, **result.subsets}
+    else:
+        from cirlab.backbones import create_backbone
+
+        if annotations is None:
+            raise typer.BadParameter("real datasets need --annotations DIR (and --images DIR)")
+        model = (
+            load_method(checkpoint)
+            if checkpoint
+            else create_method(method, create_backbone(backbone or "hf-clip:openai/clip-vit-large-patch14").freeze())
+        )
+        splits = load_splits(dataset, annotations, images, split)
+        cache = FeatureCache(default_cache_dir())
+        results = [evaluate(model, s, cache=cache) for s in splits]
+        for r in results:
+            typer.echo(r.conventions)
+        metrics = {
+            "all": combine_metrics(splits, [r.metrics for r in results]) if len(splits) > 1 else results[0].metrics
+        }
+    table = Table(title=f"{model.name} on {dataset} {split} (%)")
+    table.add_column("part")
+    keys = list(metrics["all"])
+    for k in keys:
+        table.add_column(k, justify="right")
+    for part, values in metrics.items():
+        table.add_row(part, *(f"{values.get(k, float('nan')):.2f}" for k in keys))
+    Console().print(table)
+    if output:
+        atomic_write_json(output, metrics)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``demo``, ``train`` and ``eval`` to the ``cirlab`` app."""
+    app.command("demo")(demo_cmd)
+    app.command("train")(train_cmd)
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,149 @@
+"""The one prediction path for validation and test: encode the split's images, compose queries, score, apply the
+benchmark's protocol (``protocols.evaluate_scores``). Every method and every benchmark goes through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cirlab.data.benchmark import CIRSplit
+from cirlab.data.images import load_image
+from cirlab.evaluation.protocols import evaluate_scores
+from cirlab.features.table import FeatureTable
+from cirlab.types import ImageFeatures
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one method on one split (and on named query subsets, e.g. held-out vs seen)."""
+
+    split: str
+    metrics: dict[str, float]
+    subsets: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_queries: int = 0
+    seconds: float = 0.0
+    conventions: str = ""
+
+
+def split_image_names(split: CIRSplit) -> list[str]:
+    """Gallery names followed by any reference image that is not in the gallery."""
+    names = dict.fromkeys(split.gallery)
+    names.update(dict.fromkeys(q.reference for q in split.queries))
+    return list(names)
+
+
+@torch.no_grad()
+def encode_images(
+    encode: Callable[[torch.Tensor], ImageFeatures],
+    preprocess: Callable[[list], torch.Tensor],
+    paths: Sequence[Path],
+    batch_size: int = 256,
+    with_tokens: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encodes image files in batches; returns embeds (N, d) float32 and tokens (N, 1 + n, w) float16 or None."""
+    embeds, tokens = [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        feats = encode(preprocess([load_image(p) for p in chunk]))
+        embeds.append(feats.embeds.float().cpu())
+        if with_tokens:
+            tokens.append(feats.tokens.half().cpu())
+        if progress is not None:
+            progress(len(chunk))
+    d_tokens = torch.cat(tokens) if with_tokens and tokens else None
+    return (torch.cat(embeds) if embeds else torch.empty(0, 0)), d_tokens
+
+
+def split_features(
+    method: Any, split: CIRSplit, batch_size: int = 256, cache: Any = None, progress: bool = False
+) -> FeatureTable:
+    """Image features of every image a split needs, through the feature cache when the image encoder is frozen."""
+    names = split_image_names(split)
+    paths = [split.image_path(n) for n in names]
+    with_tokens = bool(getattr(method, "needs_image_tokens", False))
+    if cache is not None and method.image_encoder_frozen:
+        from cirlab.features.backbone import cached_image_features
+
+        return cached_image_features(method.backbone, names, paths, cache, batch_size, with_tokens, progress)
+    embeds, tokens = encode_images(method.encode_images, method.backbone.preprocess, paths, batch_size, with_tokens)
+    return FeatureTable(names, embeds, tokens)
+
+
+@torch.no_grad()
+def compose_queries(method: Any, split: CIRSplit, features: FeatureTable, batch_size: int = 256) -> torch.Tensor:
+    """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``."""
+    out = []
+    for start in range(0, len(split.queries), batch_size):
+        chunk = split.queries[start : start + batch_size]
+        ref = features.gather(features.rows([q.reference for q in chunk]))
+        out.append(method.compose(ref, [q.text for q in chunk]).float().cpu())
+    return F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def gallery_embeddings(method: Any, split: CIRSplit, features: FeatureTable, batch_size: int = 1024) -> torch.Tensor:
+    """Gallery embeddings (N, d) in the method's retrieval space, in the order of ``split.gallery``."""
+    rows = features.rows(split.gallery)
+    out = [
+        method.encode_gallery(features.gather(rows[s : s + batch_size])).float().cpu()
+        for s in range(0, len(rows), batch_size)
+    ]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def subset_split(split: CIRSplit, indices: Sequence[int]) -> CIRSplit:
+    """The same split restricted to the queries at ``indices`` (same gallery and protocol)."""
+    return dataclasses.replace(split, queries=[split.queries[i] for i in indices])
+
+
+@torch.no_grad()
+def score_matrix(queries: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
+    """Cosine scores (Q, N) as float32 numpy."""
+    return (queries @ gallery.t()).numpy().astype(np.float32, copy=False)
+
+
+def evaluate(
+    method: Any,
+    split: CIRSplit,
+    features: FeatureTable | None = None,
+    subsets: dict[str, Sequence[int]] | None = None,
+    batch_size: int = 256,
+    cache: Any = None,
+) -> EvalResult:
+    """Evaluates ``method`` on ``split`` with the split's own protocol.
+
+    Args:
+        method: a ``CIRMethod`` (put in eval mode here).
+        split: a split with ground truth.
+        features: precomputed image features of the split (reused across methods sharing a frozen backbone).
+        subsets: named query-index subsets to report separately (e.g. ``{"heldout": [...], "seen": [...]}``).
+        batch_size: composition batch size.
+        cache: a ``FeatureCache`` used when ``features`` is None and the image encoder is frozen.
+    """
+    t0 = time.perf_counter()
+    was_training = method.training
+    method.eval()
+    try:
+        if features is None:
+            features = split_features(method, split, cache=cache)
+        queries = compose_queries(method, split, features, batch_size)
+        scores = score_matrix(queries, gallery_embeddings(method, split, features))
+    finally:
+        method.train(was_training)
+    metrics = evaluate_scores(split, scores)
+    parts = {
+        name: evaluate_scores(subset_split(split, idx), scores[np.asarray(idx, dtype=np.int64)])
+        for name, idx in (subsets or {}).items()
+        if len(idx)
+    }
+    return EvalResult(split.name, metrics, parts, len(split.queries), time.perf_counter() - t0, split.describe())

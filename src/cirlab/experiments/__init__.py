@@ -1,0 +1,1 @@
+"""Experiments on top of the library and the training loop: the Shapes environment, the demo, results tables."""

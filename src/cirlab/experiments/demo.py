@@ -1,0 +1,156 @@
+"""``cirlab demo``: every registered method trained with its Shapes preset and evaluated on the Shapes world's
+CIRR- and CIRCO-format test splits, seen and held-out parts apart.
+
+Method runs are content-addressed (method, run config, backbone, world, seed), so re-running reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cirlab.config import to_dict
+from cirlab.evaluation.evaluate import evaluate
+from cirlab.experiments.report import top_k
+from cirlab.experiments.shapes_env import ShapesEnv
+from cirlab.methods import METHODS, create_method, load_method
+from cirlab.training.run import fit, load_run_config, scale_steps
+
+TEST_SPLITS = ("cirr/test1", "circo/test")
+HEADLINE = {"cirr/test1": ("recall_at_1", "recall_at_5", "recall_subset_at_1", "avg"), "circo/test": ("map_at_10",)}
+QUICK_STEPS = 0.25
+
+
+def default_methods() -> list[str]:
+    """Every registered method, training-free first, the supervised upper bound last."""
+    names = METHODS.list()
+    return sorted(names, key=lambda n: (bool(METHODS.get(n).stages), METHODS.get(n).supervised, n))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def train_or_load(
+    name: str, env: ShapesEnv, seed: int, quick: bool, out: Path, force: bool, overrides: Sequence[str] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The method trained with its Shapes preset (reused when an identical run exists); returns it and its report."""
+    cls = METHODS.get(name)
+    run_cfg = load_run_config(name, "shapes", overrides)
+    if quick:
+        run_cfg = scale_steps(run_cfg, QUICK_STEPS)
+    stages = {s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
+    run_cfg = dataclasses.replace(run_cfg, seed=seed, **stages)
+    key = _digest([to_dict(run_cfg), env.backbone.identity(), env.world.world_id])
+    run_dir = out / "methods" / f"{name}-s{seed}-{key}"
+    if not cls.stages:
+        return create_method(name, env.backbone, run_cfg.method).eval(), {}
+    if (run_dir / "train_report.json").is_file() and not force:
+        return load_method(run_dir, backbone=env.backbone), json.loads((run_dir / "train_report.json").read_text())
+    torch.manual_seed(seed)
+    method = create_method(name, env.backbone, run_cfg.method)
+    report = fit(method, env.source, run_cfg, run_dir, progress=True)
+    return method, report
+
+
+def evaluate_on_tests(method: Any, env: ShapesEnv) -> dict[str, Any]:
+    """Metrics on each test split: all queries, seen, held-out (template and combination) parts."""
+    out = {}
+    for split_name in TEST_SPLITS:
+        split = env.source.split(split_name)
+        feats = env.source.features_for(method, split_name)
+        t0 = time.perf_counter()
+        result = evaluate(method, split, features=feats, subsets=env.source.subsets(split_name))
+        out[split_name] = {
+            "all": result.metrics,
+            **result.subsets,
+            "ms_per_query": 1000 * (time.perf_counter() - t0) / max(1, len(split.queries)),
+        }
+    return out
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every metric of every part of every split."""
+    out: dict[str, Any] = {}
+    for split_name in TEST_SPLITS:
+        out[split_name] = {}
+        for part, metrics in runs[0][split_name].items():
+            if not isinstance(metrics, dict):
+                continue
+            out[split_name][part] = {}
+            for key in metrics:
+                values = [r[split_name][part][key] for r in runs]
+                out[split_name][part][key] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
+    return out
+
+
+def run_demo(
+    env: ShapesEnv,
+    out: str | Path = "runs/demo",
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    quick: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains (or reuses) and evaluates every method; returns the results dict written to ``results.json``."""
+    out = Path(out)
+    methods = list(methods or default_methods())
+    results: dict[str, Any] = {
+        "methods": {},
+        "seeds": list(seeds),
+        "quick": quick,
+        "world": env.world.world_id,
+        "clip": env.clip_metrics,
+    }
+    split = env.source.split("cirr/test1")
+    showcase = {"queries": showcase_queries(env)}
+    for name in methods:
+        per_seed, reports, seconds = [], [], []
+        for seed in seeds:
+            t0 = time.perf_counter()
+            log(f"[{name}] seed {seed}")
+            method, report = train_or_load(name, env, seed, quick, out, force)
+            per_seed.append(evaluate_on_tests(method, env))
+            if seed == seeds[0]:
+                feats = env.source.features_for(method, "cirr/test1")
+                picks = [q["index"] for q in showcase["queries"]]
+                for q, ranked in zip(showcase["queries"], top_k(method, split, feats, picks), strict=True):
+                    q["top5"][name] = ranked
+            reports.append(report)
+            seconds.append(time.perf_counter() - t0)
+        cls = METHODS.get(name)
+        results["methods"][name] = {
+            "kind": "supervised" if cls.supervised else ("zero-shot" if cls.stages else "training-free"),
+            "runs": per_seed,
+            "summary": aggregate(per_seed),
+            "train": reports,
+            "seconds": seconds,
+        }
+    results["showcase"] = showcase
+    return results
+
+
+def showcase_queries(env: ShapesEnv, n_seen: int = 3, n_heldout: int = 3) -> list[dict[str, Any]]:
+    """A handful of CIRR-format test queries for the report: the first seen and the first held-out ones."""
+    subsets = env.source.subsets("cirr/test1")
+    meta = env.world.cirr_meta("test1")
+    split = env.source.split("cirr/test1")
+    picks = subsets["seen"][:n_seen] + subsets["heldout"][:n_heldout]
+    out = []
+    for i in picks:
+        m = meta[split.queries[i].qid]
+        flags = [f for f in ("heldout_template", "heldout_combo") if m.get(f)]
+        out.append({"index": i, "edit": m.get("edit_type"), "flags": flags, "top5": {}})
+    return out

@@ -1,0 +1,105 @@
+"""Backbone image features through the feature cache: the one place that names a backbone's cache namespace.
+
+Global embeddings are stored in float32; patch tokens (needed only by a few methods) in a separate float16
+namespace, so methods that need only embeddings never pay for tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cirlab.data.images import load_image
+from cirlab.features.cache import FeatureCache, encoder_key
+from cirlab.features.hashing import hash_array
+from cirlab.features.table import FeatureTable
+
+
+def backbone_cache_key(backbone: Any, part: str) -> str:
+    """Cache namespace of ``part`` ("embeds" or "tokens") of a backbone's image encoder and preprocessing."""
+    return encoder_key(backbone.identity(), part, backbone.image_transform.identity())
+
+
+def _encode(backbone: Any, pixels: torch.Tensor, part: str) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        feats = backbone.encode_image(pixels.to(backbone.logit_scale.device))
+    if part == "embeds":
+        return {part: feats.embeds.float().cpu().numpy()}
+    return {part: feats.tokens.half().cpu().numpy()}
+
+
+def _to_tensor(feats: Any, part: str) -> torch.Tensor:
+    # A private in-memory copy: the cache's arrays are read-only memory maps.
+    return torch.from_numpy(np.array(feats.array(part, dtype=np.float32 if part == "embeds" else np.float16)))
+
+
+def _progress_bar(enabled: bool, label: str):
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    task = bar.add_task(label, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def cached_image_features(
+    backbone: Any,
+    names: Sequence[str],
+    paths: Sequence[Path],
+    cache: FeatureCache,
+    batch_size: int = 256,
+    with_tokens: bool = False,
+    progress: bool = False,
+) -> FeatureTable:
+    """Features of image files, encoded only where the cache lacks them (files identified by their bytes)."""
+    parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
+    arrays = {}
+    for part in parts:
+        bar, callback = _progress_bar(progress, f"encoding images ({part})")
+        try:
+            if bar is not None:
+                bar.start()
+            feats = cache.get_or_compute(
+                list(paths),
+                backbone_cache_key(backbone, part),
+                lambda batch, part=part: _encode(backbone, backbone.preprocess([load_image(p) for p in batch]), part),
+                batch_size=batch_size,
+                storage_dtype="float32" if part == "embeds" else "float16",
+                progress=callback,
+            )
+        finally:
+            if bar is not None:
+                bar.stop()
+        arrays[part] = _to_tensor(feats, part)
+    return FeatureTable(list(names), arrays["embeds"], arrays.get("tokens"))
+
+
+def cached_array_features(
+    backbone: Any,
+    images: np.ndarray,
+    cache: FeatureCache,
+    names: Sequence[str] | None = None,
+    batch_size: int = 256,
+    with_tokens: bool = False,
+) -> FeatureTable:
+    """Features of in-memory uint8 images (N, H, W, 3), cached by the hash of each image's pixels."""
+    keys = [hash_array(np.asarray(im)) for im in images]
+    names = list(names) if names is not None else [str(i) for i in range(len(images))]
+    arrays = {}
+    for part in ["embeds", "tokens"] if with_tokens else ["embeds"]:
+        feats = cache.get_or_compute_keys(
+            keys,
+            backbone_cache_key(backbone, part),
+            lambda rows, part=part: _encode(
+                backbone, backbone.image_transform.from_uint8(np.asarray(images[np.asarray(rows)])), part
+            ),
+            batch_size=batch_size,
+            storage_dtype="float32" if part == "embeds" else "float16",
+        )
+        arrays[part] = _to_tensor(feats, part)
+    return FeatureTable(names, arrays["embeds"], arrays.get("tokens"))

@@ -1,0 +1,97 @@
+"""The main job and the train/eval commands end to end on the quick Shapes world (the full demo's code path)."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from cirlab.cli.main import main
+from cirlab.methods import METHODS
+
+
+def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, capsys):
+    out, root = tmp_path / "demo", quick_shapes_root
+    assert main(["demo", "--quick", "--out", str(out), "--root", str(root)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(METHODS.list())
+    for name, r in results["methods"].items():
+        summary = r["summary"]
+        for split in ("cirr/test1", "circo/test"):
+            assert {"all", "seen", "heldout"} <= set(summary[split]), f"{name} lacks seen/held-out parts on {split}"
+        assert 0.0 <= summary["cirr/test1"]["all"]["recall_at_50"]["mean"] <= 100.0
+    assert results["clip"]["i2t_r1"] > 5.0, "the Shapes CLIP learned nothing"
+    with Image.open(out / "chart.png") as chart:
+        assert chart.size[0] > 300
+    report = (out / "report.html").read_text()
+    assert all(name in report for name in METHODS.list()) and report.count("<img") > 20
+    assert "CIRR R@1" in printed
+
+    # A second run reuses the world, the CLIP and every trained method.
+    assert main(["demo", "--quick", "--out", str(out), "--root", str(root)]) == 0
+    assert "reusing the Shapes CLIP" in capsys.readouterr().out
+
+
+def test_train_then_eval_a_checkpoint(quick_shapes_root, tmp_path, capsys):
+    ckpt = tmp_path / "p2w"
+    args = ["--quick", "--root", str(quick_shapes_root)]
+    assert (
+        main(
+            [
+                "train",
+                "pic2word",
+                "--dataset",
+                "shapes",
+                "--set",
+                "mapping.steps=6",
+                "--set",
+                "mapping.eval_every=3",
+                "--out",
+                str(ckpt),
+                *args,
+            ]
+        )
+        == 0
+    )
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    metrics_file = tmp_path / "metrics.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--dataset",
+                "shapes",
+                "--split",
+                "cirr/test1",
+                "--json",
+                str(metrics_file),
+                *args,
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(metrics_file.read_text())
+    assert {"all", "seen", "heldout"} <= set(metrics) and "recall_at_1" in metrics["all"]
+    assert "reference image REMOVED" in capsys.readouterr().out
+
+
+def test_train_rejects_unknown_override(quick_shapes_root, tmp_path):
+    assert (
+        main(
+            [
+                "train",
+                "pic2word",
+                "--set",
+                "mapping.stepz=6",
+                "--quick",
+                "--root",
+                str(quick_shapes_root),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        != 0
+    )
