@@ -182,8 +182,69 @@ def eval_cmd(
         atomic_write_json(output, metrics)
 
 
+def submit_cmd(
+    method: Annotated[
+        str | None, typer.Argument(help="Registered method (training-free) when no --checkpoint.")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint directory.")] = None,
+    dataset: Annotated[str, typer.Option("--dataset", help="cirr | circo | shapes")] = "cirr",
+    split: Annotated[
+        str, typer.Option("--split", help="cirr: test1; circo: test; shapes: cirr/test1 or circo/test")
+    ] = "test1",
+    annotations: Annotated[Path | None, typer.Option("--annotations", help="Benchmark root (real datasets).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image root (real datasets).")] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", help="Backbone spec for a training-free method.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the submission file(s).")] = Path("runs/submission"),
+    quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+) -> None:
+    """Write test-server files: CIRR test1 (recall and recall_subset) or CIRCO test, validated before writing.
+
+    Example: `cirlab submit sum --dataset shapes --split cirr/test1 --out runs/submission`
+    """
+    from cirlab.evaluation.evaluate import predict_scores
+    from cirlab.evaluation.submission import write_circo_submission, write_cirr_submission
+    from cirlab.methods import create_method, load_method
+
+    if (method is None) == (checkpoint is None):
+        raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    if dataset == "shapes":
+        from cirlab.experiments.shapes_env import prepare_shapes
+
+        env = prepare_shapes(quick=quick, root=root, log=typer.echo)
+        model = load_method(checkpoint, backbone=env.backbone) if checkpoint else create_method(method, env.backbone)
+        target = env.source.split(split)
+        scores = predict_scores(model, target, env.source.features_for(model, split))
+    else:
+        from cirlab.backbones import create_backbone
+        from cirlab.data.benchmark import load_splits
+        from cirlab.features.cache import FeatureCache, default_cache_dir
+
+        if annotations is None:
+            raise typer.BadParameter("real datasets need --annotations DIR and --images DIR")
+        model = (
+            load_method(checkpoint)
+            if checkpoint
+            else create_method(method, create_backbone(backbone or "hf-clip:openai/clip-vit-large-patch14").freeze())
+        )
+        (target,) = load_splits(dataset, annotations, images, split)
+        scores = predict_scores(model, target, cache=FeatureCache(default_cache_dir()))
+    typer.echo(target.describe())
+    if target.dataset == "cirr":
+        written = list(write_cirr_submission(target, scores, out).values())
+    elif target.dataset == "circo":
+        written = [write_circo_submission(target, scores, out / f"circo_{target.split}_submission.json")]
+    else:
+        raise typer.BadParameter(f"no test server format for {target.dataset}", param_hint="--dataset")
+    for path in written:
+        typer.echo(f"wrote {path} (validated)")
+
+
 def register(app: typer.Typer) -> None:
-    """Adds ``demo``, ``train`` and ``eval`` to the ``cirlab`` app."""
+    """Adds ``demo``, ``train``, ``eval`` and ``submit`` to the ``cirlab`` app."""
     app.command("demo")(demo_cmd)
     app.command("train")(train_cmd)
     app.command("eval")(eval_cmd)
+    app.command("submit")(submit_cmd)

@@ -112,6 +112,22 @@ def score_matrix(queries: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
     return (queries @ gallery.t()).numpy().astype(np.float32, copy=False)
 
 
+def predict_scores(
+    method: Any, split: CIRSplit, features: FeatureTable | None = None, batch_size: int = 256, cache: Any = None
+) -> np.ndarray:
+    """Cosine scores (Q, N) of the split's composed queries against its gallery: the one prediction path shared by
+    validation, test evaluation and test-server submissions."""
+    was_training = method.training
+    method.eval()
+    try:
+        if features is None:
+            features = split_features(method, split, cache=cache)
+        queries = compose_queries(method, split, features, batch_size)
+        return score_matrix(queries, gallery_embeddings(method, split, features))
+    finally:
+        method.train(was_training)
+
+
 def evaluate(
     method: Any,
     split: CIRSplit,
@@ -131,15 +147,7 @@ def evaluate(
         cache: a ``FeatureCache`` used when ``features`` is None and the image encoder is frozen.
     """
     t0 = time.perf_counter()
-    was_training = method.training
-    method.eval()
-    try:
-        if features is None:
-            features = split_features(method, split, cache=cache)
-        queries = compose_queries(method, split, features, batch_size)
-        scores = score_matrix(queries, gallery_embeddings(method, split, features))
-    finally:
-        method.train(was_training)
+    scores = predict_scores(method, split, features, batch_size, cache)
     metrics = evaluate_scores(split, scores)
     parts = {
         name: evaluate_scores(subset_split(split, idx), scores[np.asarray(idx, dtype=np.int64)])
