@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.methods.base import CIRMethod, Stage, register_method
-from cirlab.modules.losses import info_nce
+from cirlab.modules.losses import clip_temperature, info_nce
 from cirlab.modules.mappers import Pic2WordMapper
 from cirlab.modules.pseudo_word import encode_with_pseudo, prompt_query
 from cirlab.placeholder import DEFAULT_PROMPT
@@ -50,11 +50,6 @@ class Pic2Word(CIRMethod):
         c = self.config
         self.phi = Pic2WordMapper(backbone.embed_dim, backbone.token_dim, c.hidden, c.layers, c.dropout)
 
-    def _temperature(self) -> float:
-        if self.config.temperature > 0:
-            return self.config.temperature
-        return float(1.0 / self.backbone.logit_scale.exp())
-
     def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
         pseudo = self.phi(F.normalize(reference.embeds.float(), dim=-1))  # (B, w_t)
         return prompt_query(self.backbone, self.config.prompt, texts, pseudo)
@@ -67,5 +62,6 @@ class Pic2Word(CIRMethod):
         v = F.normalize(batch["image"].embeds.float(), dim=-1)  # (B, d)
         pseudo = self.phi(v)
         t = encode_with_pseudo(self.backbone, [self.config.train_prompt] * v.shape[0], pseudo).embeds
-        loss = info_nce(F.normalize(t.float(), dim=-1), v, self._temperature(), symmetric=True)
+        tau = clip_temperature(self.backbone, self.config.temperature)
+        loss = info_nce(F.normalize(t.float(), dim=-1), v, tau, symmetric=True)
         return {"loss": loss}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.methods.base import CIRMethod, Stage, register_method
-from cirlab.modules.losses import info_nce
+from cirlab.modules.losses import clip_temperature, info_nce
 from cirlab.modules.mappers import SearlePhi
 from cirlab.modules.pseudo_word import encode_with_pseudo, prompt_query, text_embeds
 from cirlab.placeholder import DEFAULT_PROMPT
@@ -60,11 +60,6 @@ class Searle(CIRMethod):
         self.phi = SearlePhi(backbone.embed_dim, backbone.token_dim, dropout=self.config.dropout)
         self._concept_cache: torch.Tensor | None = None
 
-    def _temperature(self) -> float:
-        if self.config.temperature > 0:
-            return self.config.temperature
-        return float(1.0 / self.backbone.logit_scale.exp())
-
     def _concept_embeds(self) -> torch.Tensor:
         # The backbone is frozen, so the concept prompts' embeddings never change: compute them once.
         if self._concept_cache is None:
@@ -87,7 +82,7 @@ class Searle(CIRMethod):
         v = F.normalize(batch["image"].embeds.float(), dim=-1)  # (B, d)
         pseudo = self.phi(v)
         t = F.normalize(encode_with_pseudo(self.backbone, [self.config.train_prompt] * len(v), pseudo).embeds, dim=-1)
-        contrastive = info_nce(t.float(), v, self._temperature(), symmetric=True)
+        contrastive = info_nce(t.float(), v, clip_temperature(self.backbone, self.config.temperature), symmetric=True)
         concepts = self._concept_embeds()
         nearest = concepts[(v @ concepts.t()).argmax(dim=1)]  # (B, d): each image's zero-shot concept
         reg = (1.0 - (t.float() * nearest).sum(dim=-1)).mean()

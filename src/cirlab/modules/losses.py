@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def clip_temperature(backbone, configured: float) -> float:
+    """``configured`` when positive, else the backbone's own learned CLIP temperature ``1 / exp(logit_scale)``."""
+    return configured if configured > 0 else float(1.0 / backbone.logit_scale.exp())
+
+
 def info_nce(
     queries: torch.Tensor,
     keys: torch.Tensor,
