@@ -17,4 +17,5 @@ __all__ = [
     "cirr",
     "fashioniq",
     "load_splits",
+    "shapes",
 ]
