@@ -1,6 +1,13 @@
 """Composed-retrieval methods, one file each, registered by name in ``METHODS``."""
 
-from cirlab.methods import baselines, combiner, lincir, pic2word, searle  # noqa: F401  (registration)
+from cirlab.methods import (  # noqa: F401  (registration)
+    baselines,
+    combiner,
+    fusion_diff,
+    lincir,
+    pic2word,
+    searle,
+)
 from cirlab.methods.base import CIRMethod, Stage, create_method, load_method, register_method
 from cirlab.registry import METHODS
 
