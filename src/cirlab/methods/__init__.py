@@ -5,6 +5,7 @@ from cirlab.methods import (  # noqa: F401  (registration)
     combiner,
     fusion_diff,
     lincir,
+    map_to_compose,
     pic2word,
     searle,
 )
