@@ -9,7 +9,7 @@ import torch
 
 import cirlab
 from cirlab.methods import METHODS, create_method, load_method
-from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
+from cirlab.training.data import FeatureTable, PixelTable, Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
 
 CAPTIONS = [
@@ -22,15 +22,26 @@ TEXTS = ["make the red circle blue", "remove the square", "add a small green sta
 
 
 @pytest.fixture(scope="module")
-def table(tiny_backbone) -> FeatureTable:
-    gen = torch.Generator().manual_seed(0)
-    pixels = torch.randn(24, 3, 32, 32, generator=gen)
+def pixels() -> torch.Tensor:
+    return torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def table(tiny_backbone, pixels) -> FeatureTable:
     with torch.no_grad():
         feats = tiny_backbone.encode_image(pixels)
     return FeatureTable([f"img{i}" for i in range(24)], feats.embeds, feats.tokens.half())
 
 
-def _batch_fn(kind: str, table: FeatureTable, batch_size: int = 8):
+def _images(method, table: FeatureTable, pixels: torch.Tensor) -> FeatureTable | PixelTable:
+    """Cached features, or for a stage that trains the image encoder the same images encoded by it at every access
+    (as training serves them), so that gradients can reach the encoder."""
+    if method.image_encoder_frozen:
+        return table
+    return PixelTable(table.names, lambda rows: pixels[rows], method.encode_images)
+
+
+def _batch_fn(kind: str, table: FeatureTable | PixelTable, batch_size: int = 8):
     triplets = [Triplet(f"img{i}", TEXTS[i % 3], f"img{(i * 7 + 3) % 24}") for i in range(24)]
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(len(table))]
     if kind == "captions":
@@ -71,13 +82,13 @@ STAGES = [(name, stage.name) for name in ALL for stage in METHODS.get(name).stag
 
 
 @pytest.mark.parametrize(("name", "stage"), STAGES)
-def test_only_intended_parameters_train(name, stage, tiny_backbone, table):
+def test_only_intended_parameters_train(name, stage, tiny_backbone, table, pixels):
     method = _method(name, tiny_backbone)
     method.prepare_stage(stage)
     trainable = {id(p) for p in method.trainable_parameters(stage)}
     assert trainable, f"{name}/{stage} trains nothing"
     frozen_before = {n: p.detach().clone() for n, p in method.named_parameters() if id(p) not in trainable}
-    batch = _batch_fn(method.stage(stage).data, table)(0, 0)
+    batch = _batch_fn(method.stage(stage).data, _images(method, table, pixels))(0, 0)
     method.train()
     loss = method.training_loss(stage, batch)["loss"]
     assert torch.isfinite(loss)
@@ -94,21 +105,25 @@ def test_only_intended_parameters_train(name, stage, tiny_backbone, table):
 
 
 @pytest.mark.parametrize(("name", "stage"), STAGES)
-def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, tmp_path):
+def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, pixels, tmp_path):
     method = _method(name, tiny_backbone)
     method.prepare_stage(stage)
     kind = method.stage(stage).data
-    batch_fn = _batch_fn(kind, table, batch_size=24 if kind != "captions" else 7)
-    fixed = batch_fn(0, 0)
+    batch_fn = _batch_fn(kind, _images(method, table, pixels), batch_size=24 if kind != "captions" else 7)
+
+    def fixed(step: int = 0, micro: int = 0) -> dict:
+        # The same examples at every step, gathered anew: pixel-served images are re-encoded by the current weights.
+        return batch_fn(0, 0)
+
     torch.manual_seed(0)
     method.eval()  # no dropout: measure the loss itself, not its noise
     with torch.no_grad():
-        before = method.training_loss(stage, fixed)["loss"].item()
+        before = method.training_loss(stage, fixed())["loss"].item()
     cfg = TrainConfig(steps=40, batch_size=24, lr=3e-3, warmup=0.0, progress=False, log_every=100)
     train(
         method,
         method.trainable_parameters(stage),
-        lambda s, m: fixed,
+        fixed,
         lambda b: method.training_loss(stage, b),
         cfg,
         tmp_path / "run",
@@ -116,7 +131,7 @@ def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, tmp_path
     )
     method.eval()
     with torch.no_grad():
-        after = method.training_loss(stage, fixed)["loss"].item()
+        after = method.training_loss(stage, fixed())["loss"].item()
     assert after < before, f"{name}/{stage}: loss {before:.4f} -> {after:.4f}"
 
 

@@ -62,7 +62,13 @@ def _register_all() -> None:
     """Attach the commands of every area; each module only defines commands and imports heavy parts lazily."""
     import importlib
 
-    for module in ("cirlab.cli.harness", "cirlab.cli.shapes", "cirlab.cli.train", "cirlab.cli.search"):
+    for module in (
+        "cirlab.cli.harness",
+        "cirlab.cli.shapes",
+        "cirlab.cli.train",
+        "cirlab.cli.search",
+        "cirlab.cli.pseudo",
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -496,8 +496,10 @@ def generate_pseudo_targets(
     _check_generator(out_dir, {"generator": generator.describe(), "seed": seed})
     done = {r["key"]: r for r in read_manifest(out_dir)}
     manifest = out_dir / MANIFEST_FILE
-    # Rewrite the manifest without torn lines or records of deleted images before appending to it.
-    atomic_write_text(manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in done.values()))
+    compact = "".join(json.dumps(r, sort_keys=True) + "\n" for r in done.values())
+    if not manifest.is_file() or manifest.read_text(encoding="utf-8") != compact:
+        # Drop torn lines and records of deleted images before appending to the manifest.
+        atomic_write_text(manifest, compact)
     todo = [r for r in requests if r.key not in done]
     if log is not None:
         log(f"pseudo-targets in {out_dir}: {len(requests) - len(todo)} present, {len(todo)} to generate")
