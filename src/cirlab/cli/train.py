@@ -147,7 +147,7 @@ def eval_cmd(
         result = evaluate(
             model,
             env.source.split(split),
-            features=env.source.features(split, env.backbone, model.needs_image_tokens),
+            features=env.source.features_for(model, split),
             subsets=env.source.subsets(split) if "test" in split else None,
         )
         typer.echo(result.conventions)
