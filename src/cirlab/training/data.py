@@ -107,9 +107,10 @@ def make_batch_fn(
             idx = epoch_indices(len(images), batch_size, step, micro, grad_accum, seed)
             return {"image": images.gather(idx), "caption": [rng.choice(captions[i]) for i in idx.tolist()]}
         if kind == "captions":
-            flat = captions
-            idx = epoch_indices(len(flat), batch_size, step, micro, grad_accum, seed)
-            return {"caption": [rng.choice(flat[i]) if not isinstance(flat[i], str) else flat[i] for i in idx]}
+            # The corpus may hold one caption per entry or several phrasings to draw from.
+            idx = epoch_indices(len(captions), batch_size, step, micro, grad_accum, seed)
+            picked = [captions[i] for i in idx.tolist()]
+            return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked]}
         if kind in ("triplets", "synthetic_triplets", "pseudo_triplets"):
             idx = epoch_indices(len(triplets), batch_size, step, micro, grad_accum, seed)
             chosen = [triplets[i] for i in idx.tolist()]
