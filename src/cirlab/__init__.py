@@ -13,7 +13,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_backbone", "create_method", "list_backbones", "list_datasets", "list_methods"]
+__all__ = [
+    "__version__",
+    "create_backbone",
+    "create_method",
+    "list_backbones",
+    "list_datasets",
+    "list_methods",
+    "load_index",
+]
 
 
 def create_backbone(spec: str, **kwargs: Any) -> Any:
@@ -28,6 +36,19 @@ def create_method(name: str, backbone: Any, config: Any = None) -> Any:
     from cirlab.methods import create_method as _create
 
     return _create(name, backbone, config)
+
+
+def load_index(directory: str, device: str = "cpu") -> Any:
+    """Opens a gallery index built by ``cirlab index build`` (see ``cirlab.index.GalleryIndex``).
+
+    Example:
+        >>> index = cirlab.load_index("runs/my-index")
+        >>> query = index.compose("photo.jpg", "the same but red")
+        >>> hits = index.search(query, k=10)
+    """
+    from cirlab.index import load_index as _load
+
+    return _load(directory, device)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

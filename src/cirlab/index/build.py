@@ -1,0 +1,205 @@
+"""Building a gallery index from a folder of images, incrementally.
+
+A rebuild hashes every file (unchanged files are answered from the feature cache's stat memo without reading
+them), keeps the rows of files whose content the previous index already embedded with the same model, encodes
+only new or changed files (through the feature cache, so content it has seen before is not encoded again), drops
+rows of files that are gone, lists unreadable files and skips them, and commits the result atomically
+(``cirlab.index.store``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cirlab.data.images import IMAGE_SUFFIXES
+from cirlab.features.cache import FeatureCache, default_cache_dir
+from cirlab.features.hashing import StatMemo, hash_files
+from cirlab.index.ann import AnnConfig, build_ann, write_ann
+from cirlab.index.encode import Progress, encode_gallery_files
+from cirlab.index.model import load_model
+from cirlab.index.store import IndexFormatError, read_generation, write_generation
+
+HASH_MEMO = "hash_memo.sqlite"
+"""The feature cache's path -> digest memo (``cirlab.features.cache`` layout), shared so files are hashed once."""
+
+
+@dataclass
+class BuildReport:
+    """What a build did.
+
+    Attributes:
+        count: images in the index.
+        encoded: images that went through the image encoder.
+        from_cache: images whose raw features the feature cache already held.
+        reused: rows kept from the previous index (same content, same model).
+        removed: rows of the previous index whose files are gone or changed.
+        unreadable: relative path -> why it was skipped.
+        seconds: wall time of the whole build.
+        encode_seconds: wall time of the encoding step (decoding + model), for throughput.
+        approximate: the approximate index's report (``AnnReport.to_dict()``), or None for exact search only.
+    """
+
+    count: int = 0
+    encoded: int = 0
+    from_cache: int = 0
+    reused: int = 0
+    removed: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    approximate: dict[str, Any] | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        """Encoding throughput over the images that were encoded."""
+        return self.encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+
+def find_images(root: Path, skip: Path | None = None) -> list[str]:
+    """Image files under ``root`` (recursive, common formats, hidden entries skipped), as sorted relative paths.
+
+    Args:
+        root: the gallery folder.
+        skip: a folder never descended into (the index directory, when it lies inside the gallery).
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    skip = skip.resolve() if skip is not None else None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append((here / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> tuple[list[str], np.ndarray | None]:
+    """The previous index's digests, and its embeddings when they were made by the same model (else None)."""
+    if not (out / "index.json").exists():
+        return [], None
+    try:
+        old = read_generation(out)
+    except IndexFormatError as err:
+        log(f"ignoring the previous index ({err}); rebuilding from scratch")
+        return [], None
+    if old.manifest["model"].get("key") != model_key:
+        log("the model changed since the previous build; embedding every image again")
+        return old.digests, None
+    return old.digests, old.embeddings
+
+
+def build_index(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None,
+    method: str = "sum",
+    approximate: AnnConfig | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> BuildReport:
+    """Builds or updates the index of the images under ``images`` in the directory ``out``.
+
+    Args:
+        images: gallery folder (searched recursively).
+        out: index directory (created; an existing index there is updated incrementally).
+        backbone: backbone spec (``hf-clip:<hub id or dir>``, ``tiny``); None with a checkpoint uses its own.
+        method: training-free method name or checkpoint directory (see ``cirlab.index.model.load_model``).
+        approximate: settings of an approximate index to build beside the embeddings; None for exact search only.
+        cache: feature cache (default: ``cirlab.features.default_cache_dir()``).
+        batch_size: images per forward pass.
+        workers: decoding threads (0: one per core).
+        device: where the model runs.
+        progress: ``progress(done, total)`` over the images being encoded.
+        log: one-line messages.
+
+    Returns:
+        What was built, encoded, reused, removed and skipped.
+
+    Raises:
+        ValueError: no readable image in the folder, or a bad model description.
+    """
+    t0 = time.perf_counter()
+    root, out = Path(images).resolve(), Path(out).resolve()
+    cache = cache if cache is not None else FeatureCache(default_cache_dir())
+    model, spec = load_model(backbone, method, device)
+    rel_paths = find_images(root, skip=out)
+    if not rel_paths:
+        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
+    report = BuildReport()
+    digests = hash_files([root / p for p in rel_paths], StatMemo(cache.root / HASH_MEMO), cache.hash_workers)
+    old_digests, old_embeddings = _previous(out, spec.key, log)
+    old_rows = {d: i for i, d in enumerate(old_digests)} if old_embeddings is not None else {}
+    readable = [i for i, d in enumerate(digests) if isinstance(d, str)]
+    for i, d in enumerate(digests):
+        if not isinstance(d, str):
+            report.unreadable[rel_paths[i]] = f"{type(d).__name__}: {d}"
+    todo = [i for i in readable if digests[i] not in old_rows]
+    t_encode = time.perf_counter()
+    encoded = encode_gallery_files(
+        model,
+        [root / rel_paths[i] for i in todo],
+        [digests[i] for i in todo],
+        cache,
+        weights_id=spec.weights,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    report.encode_seconds = time.perf_counter() - t_encode
+    for pos, why in encoded.failed.items():
+        report.unreadable[rel_paths[todo[pos]]] = why
+    new_rows = {todo[int(p)]: r for r, p in enumerate(encoded.positions)}
+    keep = [i for i in readable if digests[i] in old_rows or i in new_rows]
+    if not keep:
+        raise ValueError(f"{root}: none of the {len(rel_paths)} image files could be read")
+    dim = encoded.embeddings.shape[1] if len(encoded.positions) else old_embeddings.shape[1]
+    embeddings = np.empty((len(keep), dim), dtype=np.float32)  # (N, d)
+    for row, i in enumerate(keep):
+        embeddings[row] = encoded.embeddings[new_rows[i]] if i in new_rows else old_embeddings[old_rows[digests[i]]]
+    report.count = len(keep)
+    report.encoded = encoded.n_encoded
+    report.from_cache = len(new_rows) - encoded.n_encoded
+    report.reused = len(keep) - len(new_rows)
+    kept_digests = {digests[i] for i in keep}
+    report.removed = sum(1 for d in old_digests if d not in kept_digests)
+    ann_index = None
+    if approximate is not None:
+        ann_index, ann_report = build_ann(embeddings, approximate, log=None)
+        report.approximate = ann_report.to_dict()
+    report.seconds = time.perf_counter() - t0
+    manifest = {
+        "root": str(root),
+        "model": spec.to_dict(),
+        "approximate": report.approximate,
+        "unreadable": [{"path": p, "error": e} for p, e in sorted(report.unreadable.items())],
+        "build": {
+            "seconds": round(report.seconds, 3),
+            "encoded": report.encoded,
+            "from_cache": report.from_cache,
+            "reused": report.reused,
+            "removed": report.removed,
+        },
+    }
+    write_generation(
+        out,
+        manifest,
+        embeddings,
+        [rel_paths[i] for i in keep],
+        [digests[i] for i in keep],
+        write_ann=(lambda path: write_ann(ann_index, path)) if ann_index is not None else None,
+    )
+    return report
