@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
     import torch
     from PIL import Image
 
@@ -24,6 +26,17 @@ class ImageFeatures:
 
     embeds: torch.Tensor
     tokens: torch.Tensor
+
+
+@dataclass
+class PairFeatures(ImageFeatures):
+    """Image features of (image, caption) pairs, with the backbone's joint embedding of each pair.
+
+    Attributes:
+        fused: ``z(I, T)`` from a pair-encoding backbone (``PairEncoder``), shape (B, embed_dim).
+    """
+
+    fused: torch.Tensor
 
 
 @dataclass
@@ -56,7 +69,8 @@ class TokenBatch:
 class Backbone(Protocol):
     """A CLIP-like dual encoder as every method sees it (STYLE.md rule 4).
 
-    Methods read ``embed_dim``, ``token_dim`` and ``vision_width`` from here; none is hard-coded.
+    Methods read ``embed_dim``, ``token_dim`` and ``vision_width`` from here; none is hard-coded. A backbone without
+    per-patch image features (``has_image_tokens`` False) returns ``tokens`` of shape (B, 0, vision_width).
     """
 
     name: str
@@ -65,6 +79,12 @@ class Backbone(Protocol):
     vision_width: int
     placeholder_token_id: int
     image_transform: ImageTransform
+    has_image_tokens: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def image_encoder_parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures: ...
 
@@ -83,3 +103,12 @@ class Backbone(Protocol):
     def save_pretrained(self, path: str | Path) -> None: ...
 
     def identity(self) -> str: ...
+
+
+@runtime_checkable
+class PairEncoder(Protocol):
+    """A backbone that also embeds an (image, text) pair jointly (the ``mllm`` backbone's pair prompt)."""
+
+    def encode_pair(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """``z(I, T)`` (B, embed_dim), L2-normalised, from pixels (B, 3, S, S) and one text per image."""
+        ...

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ class HFCLIPBackbone(nn.Module):
         name: the spec this backbone was created from (for cache keys and configs).
     """
 
+    has_image_tokens = True
+
     def __init__(self, model: Any, tokenizer: Any, transform: ImageTransform, name: str = "hf-clip") -> None:
         super().__init__()
         self.model = model
@@ -76,6 +79,15 @@ class HFCLIPBackbone(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         """CLIP's learnable log inverse temperature."""
         return self.model.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go."""
+        return self.model.logit_scale.device
+
+    def image_encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """The vision tower's parameters (what cached image features depend on)."""
+        return self.model.vision_model.parameters()
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TokenBatch:

@@ -8,6 +8,7 @@ open_clip needs torchvision, which has no working CPU build on some machines; th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
 
 class OpenCLIPBackbone(nn.Module):
     """An open_clip ``CLIP`` model behind the cirlab backbone protocol (text tower re-run from embeddings)."""
+
+    has_image_tokens = True
 
     def __init__(self, model: Any, tokenizer: Any, transform: ImageTransform, name: str) -> None:
         super().__init__()
@@ -52,6 +55,13 @@ class OpenCLIPBackbone(nn.Module):
     @property
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def image_encoder_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.visual.parameters()
 
     def tokenize(self, texts: list[str]) -> TokenBatch:
         ids = self.tokenizer(list(texts)).to(self.model.logit_scale.device)  # (B, context_length)

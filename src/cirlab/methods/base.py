@@ -70,6 +70,7 @@ class CIRMethod(nn.Module):
         self._backbone_keys = set(backbone.state_dict())
         self._finetuned_keys: set[str] = set()
         self._image_encoder_finetuned = False
+        check_backbone(type(self), backbone)
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{self.name}: expected {self.config_class.__name__}, got {type(self.config).__name__}")
@@ -79,7 +80,7 @@ class CIRMethod(nn.Module):
     def image_encoder_frozen(self) -> bool:
         """Whether image features depend only on the (frozen) backbone, so cached features are valid."""
         return (
-            not any(p.requires_grad for p in self.backbone.model.vision_model.parameters())
+            not any(p.requires_grad for p in self.backbone.image_encoder_parameters())
             and not self._image_encoder_finetuned
         )
 
@@ -115,12 +116,20 @@ class CIRMethod(nn.Module):
         """Mined hard negatives per example a triplet stage wants in ``batch["hard_negatives"]`` (B * k images)."""
         return 0
 
+    def pair_embeddings(self, stage: str) -> bool:
+        """Whether a ``pairs`` stage wants the backbone's joint embedding of every (image, caption) pair.
+
+        When True, the stage's rows are the pairs themselves and ``batch["image"]`` is ``PairFeatures`` with
+        ``fused`` = ``z(I, T)``, computed once through the feature cache (the backbone must be a ``PairEncoder``).
+        """
+        return False
+
     def prepare_stage(self, stage: str) -> None:
         """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""
         trainable = {id(p) for p in self.trainable_parameters(stage)}
         for p in self.parameters():
             p.requires_grad_(id(p) in trainable)
-        backbone_trained = {id(p) for p in self.backbone.model.vision_model.parameters()} & trainable
+        backbone_trained = {id(p) for p in self.backbone.image_encoder_parameters()} & trainable
         if backbone_trained:
             self._image_encoder_finetuned = True
 
@@ -172,9 +181,19 @@ def register_method(name: str):
 def create_method(name: str, backbone: nn.Module, config: Any = None) -> CIRMethod:
     """Builds registered method ``name`` around ``backbone``; ``config`` may be a dataclass, a dict or None."""
     cls = METHODS.get(name)
+    check_backbone(cls, backbone)  # before the method is built: some copy the backbone first
     if isinstance(config, dict):
         config = from_dict(cls.config_class, config)
     return cls(backbone, config)
+
+
+def check_backbone(cls: type[CIRMethod], backbone: Any) -> None:
+    """Raises ``ValueError`` when ``backbone`` cannot serve method class ``cls`` (patch tokens it lacks)."""
+    if cls.needs_image_tokens and not backbone.has_image_tokens:
+        raise ValueError(
+            f"{cls.name} reads patch tokens, which the backbone {backbone.name} does not serve (it gives one embedding"
+            " per image); use a CLIP backbone (hf-clip, open-clip)"
+        )
 
 
 def load_method(path: str | Path, backbone: nn.Module | None = None, device: str | torch.device = "cpu") -> CIRMethod:
