@@ -8,10 +8,21 @@ lightweight Control-Adapter on about 200K synthetic triplets.
 
 Our design (METHODS.md, "Fusion-Diff"); every inferred choice is a config field:
 
-- Joint space: ``CLIPJointSpace`` of the backbone, ``z(I) = v``, ``z(T) = t``, ``z(I, T) = norm(v + t)`` (the
-  multimodal-LLM space is ``cirlab.modules.joint_space.MLLMJointSpace``; wiring it in needs a backbone that
-  serves its embeddings as features). Image features come from the feature cache; text embeddings are cached in
-  memory per distinct string (the text tower is frozen), so training never re-encodes.
+- Joint space: the backbone's, ``z(I) = v``, ``z(T) = t`` (``CLIPJointSpace``). With a CLIP backbone that is the
+  CPU / Shapes space; with ``mllm:<hub id or dir>`` (``cirlab.backbones.mllm``, e.g. Qwen2.5-VL-72B, the paper's)
+  it is the multimodal LLM's: ``v`` and ``t`` are the final states of the image and text prompts' last tokens.
+  Image features come from the feature cache; text embeddings are cached in memory per distinct string (the text
+  tower is frozen), so training never re-encodes.
+- The fused feature ``z(I, T)`` (``fused``): ``sum`` (default) is ``norm(v + t)``, computable from cached features
+  with any backbone; ``pair`` is the paper's, the multimodal LLM's embedding of the pair prompt (needs a backbone
+  with ``encode_pair``: ``mllm``). A pair embedding depends on the image and the text together, so it cannot be
+  formed from cached image features: stage ``prior`` declares ``pair_embeddings``, and its data source computes
+  ``z(I, caption)`` once for every corpus (image, caption) pair through the feature cache and serves the pairs as
+  its rows (``PairFeatures``; an epoch then visits every caption instead of drawing one per image). The inference
+  path hands methods cached image features only, so ``pair`` refuses the fused query terms (``mix_weight`` > 0,
+  ``init_strength`` < 1); the default sampler never uses them. ``sum`` stays a config choice beside ``pair`` so
+  that the same method runs on CPU in the Shapes world and, in the multimodal-LLM space, without pair encoding (an
+  ablation of the paper's fused feature).
 - Stage ``prior`` (image-caption pairs): a transformer denoiser over ``[z_n, timestep, z(T)]`` predicts
   ``z_0 = z(I, T)`` (x0-prediction, MSE), cosine schedule with 1000 steps; the condition is replaced by a learned
   null token for ``cond_drop`` (10%) of the examples, for classifier-free guidance.
@@ -41,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +64,10 @@ from cirlab.modules.joint_space import CLIPJointSpace
 from cirlab.modules.prior import PriorDenoiser
 from cirlab.modules.prior_pipeline import FusionDiffPipeline
 from cirlab.modules.schedule import NoiseSchedule
-from cirlab.types import ImageFeatures
+from cirlab.types import ImageFeatures, PairEncoder, PairFeatures
+
+FusedKind = Literal["sum", "pair"]
+FUSED_KINDS = ("sum", "pair")
 
 
 @dataclass
@@ -83,6 +97,8 @@ class FusionDiffConfig:
         mix_weight: weight of ``z(I_ref, text)`` mixed into the query (0: ``q = norm(z_0)``).
         init_strength: < 1 starts DDIM from the noised ``z(I_ref, text)`` and runs that fraction of the steps.
         text_cache: distinct texts whose embeddings are kept in memory.
+        fused: the fused feature ``z(I, T)``: ``sum`` = ``norm(z(I) + z(T))``; ``pair`` = the backbone's pair
+            embedding (``mllm`` backbones; stage-1 targets only, see the module docstring).
     """
 
     width: int = 0
@@ -107,6 +123,7 @@ class FusionDiffConfig:
     mix_weight: float = 0.0
     init_strength: float = 1.0
     text_cache: int = 100_000
+    fused: FusedKind = "sum"
 
 
 PRIOR_STAGE = Stage("prior", "pairs")
@@ -127,6 +144,18 @@ class FusionDiff(CIRMethod):
         c = self.config
         if c.adapter_from_scratch and not c.use_adapter:
             raise ValueError("adapter_from_scratch needs use_adapter")
+        if c.fused not in FUSED_KINDS:
+            raise ValueError(f"fusion-diff fused must be one of {FUSED_KINDS}, got {c.fused!r}")
+        if c.fused == "pair" and not isinstance(backbone, PairEncoder):
+            raise ValueError(
+                f"fusion-diff fused='pair' needs a backbone that embeds (image, text) pairs (mllm:<hub id or dir>);"
+                f" {backbone.name} does not: use fused='sum'"
+            )
+        if c.fused == "pair" and (c.mix_weight > 0 or c.init_strength < 1.0):
+            raise ValueError(
+                "fusion-diff fused='pair' cannot use mix_weight > 0 or init_strength < 1: queries are composed from"
+                " cached image features, from which the pair prompt's z(I_ref, text) cannot be formed"
+            )
         d = backbone.embed_dim
         width = c.width or 2 * d
         self.joint = CLIPJointSpace(backbone, c.text_cache)
@@ -167,7 +196,8 @@ class FusionDiff(CIRMethod):
         c = self.config
         v = self.joint.embed(image=reference)  # (B, d)
         t = self.joint.embed(text=texts)  # (B, d)
-        fused = self.joint.embed(image=v, text=t)  # (B, d) = z(I_ref, text)
+        uses_fused = c.mix_weight > 0 or c.init_strength < 1.0
+        fused = self.joint.embed(image=v, text=t) if uses_fused else None  # (B, d) = z(I_ref, text), sum form
         out = self.pipeline()(
             v if c.use_adapter else None,
             t,
@@ -184,6 +214,9 @@ class FusionDiff(CIRMethod):
         return F.normalize((1 - c.mix_weight) * out.z0 + c.mix_weight * fused, dim=-1)
 
     # -- training --------------------------------------------------------------------------------------------------
+    def pair_embeddings(self, stage: str) -> bool:
+        return stage == PRIOR_STAGE.name and self.config.fused == "pair"
+
     def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
         self.stage(stage)
         if stage == PRIOR_STAGE.name:
@@ -202,7 +235,7 @@ class FusionDiff(CIRMethod):
         s = self.embed_scale
         if stage == PRIOR_STAGE.name:
             text = self.joint.embed(text=batch["caption"], cached=True)  # (B, d) = z(T)
-            z0 = self.joint.embed(image=batch["image"], text=text)  # (B, d) = z(I, T)
+            z0 = self._fused_target(batch["image"], text)  # (B, d) = z(I, T)
             adapter, controls, prior_trains = None, None, True
         else:
             text = self.joint.embed(text=batch["text"], cached=True)  # (B, d)
@@ -225,3 +258,14 @@ class FusionDiff(CIRMethod):
         loss = F.mse_loss(pred, x0)
         cos = F.cosine_similarity(pred.detach(), x0, dim=-1).mean()
         return {"loss": loss, "cos": cos}
+
+    def _fused_target(self, image: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
+        """Stage-1 target ``z(I, T)`` (B, d): the normalised sum, or the pair embedding the batch carries."""
+        if self.config.fused == "sum":
+            return self.joint.embed(image=image, text=text)
+        if not isinstance(image, PairFeatures):
+            raise ValueError(
+                "fusion-diff fused='pair': stage 'prior' reads pair embeddings (PairFeatures rows, from"
+                " cirlab.features.backbone.cached_pair_table), but this batch holds plain image features"
+            )
+        return F.normalize(image.fused.float(), dim=-1).to(text.device)

@@ -28,9 +28,9 @@ from cirlab.data.cirr import load_cirr
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, shapes_pseudo_targets
 from cirlab.data.shapes import ShapesWorld, read_triplets
-from cirlab.features.backbone import cached_array_features, cached_image_features
+from cirlab.features.backbone import cached_array_features, cached_image_features, cached_pair_table
 from cirlab.features.cache import FeatureCache
-from cirlab.features.table import FeatureTable
+from cirlab.features.table import FeatureTable, PairTable
 from cirlab.training.data import PixelTable, Triplet
 from cirlab.types import ImageFeatures
 
@@ -43,7 +43,7 @@ SHAPES_SPLITS = ("cirr/val", "cirr/test1", "circo/val", "circo/test")
 class StageData:
     """The inputs of ``make_batch_fn`` for one stage."""
 
-    images: FeatureTable | PixelTable | None = None
+    images: FeatureTable | PairTable | PixelTable | None = None
     captions: list[list[str]] | None = None
     triplets: list[Triplet] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -147,7 +147,13 @@ class ShapesSource:
         encode = None if method.image_encoder_frozen else method.encode_images
         pseudo = getattr(method.config, "pseudo_targets", None)
         return self.stage_data(
-            kind, method.backbone, method.needs_image_tokens, synthetic, encode=encode, pseudo=pseudo
+            kind,
+            method.backbone,
+            method.needs_image_tokens,
+            synthetic,
+            encode=encode,
+            pseudo=pseudo,
+            pair_embeddings=method.pair_embeddings(stage),
         )
 
     def stage_data(
@@ -158,6 +164,7 @@ class ShapesSource:
         synthetic: SyntheticOptions | None = None,
         encode: Encoder | None = None,
         pseudo: PseudoTargetOptions | None = None,
+        pair_embeddings: bool = False,
     ) -> StageData:
         """Inputs of one stage of kind ``images``, ``pairs``, ``captions``, ``triplets``, ``synthetic_triplets`` or
         ``pseudo_triplets``.
@@ -169,7 +176,14 @@ class ShapesSource:
             synthetic: which synthetic triplets ``synthetic_triplets`` reads.
             encode: a trainable image encoder: images become a ``PixelTable`` it encodes at every access.
             pseudo: where ``pseudo_triplets`` gets its pseudo-targets (default: rendered with the default noise).
+            pair_embeddings: ``pairs`` rows are the (image, caption) pairs, with the backbone's joint embedding of
+                each (``PairTable``; see ``CIRMethod.pair_embeddings``).
         """
+        if kind == "pairs" and pair_embeddings:
+            if encode is not None:
+                raise ValueError("pair embeddings come from a frozen backbone; this stage trains the image encoder")
+            table, captions = cached_pair_table(backbone, self.corpus().images, self.corpus_captions(), self.cache)
+            return StageData(images=table, captions=captions, info={"pairs": len(table)})
         if kind in ("images", "pairs"):
             corpus = self.corpus()
             if encode is None:
@@ -250,6 +264,6 @@ def _array_pixels(backbone: Any, images: np.ndarray) -> Callable[[torch.Tensor],
 
     def pixels(rows: torch.Tensor) -> torch.Tensor:
         batch = np.asarray(images[rows.numpy()])  # (B, H, W, 3)
-        return backbone.image_transform.from_uint8(batch).to(backbone.logit_scale.device)
+        return backbone.image_transform.from_uint8(batch).to(backbone.device)
 
     return pixels
