@@ -4,6 +4,8 @@ stages through the one training loop, and save/load."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -14,11 +16,13 @@ from cirlab.backbones import create_backbone
 from cirlab.backbones.mllm import MLLMBackbone, MLLMJointSpace, MLLMJointSpaceConfig
 from cirlab.features.backbone import cached_array_features, cached_pair_table
 from cirlab.features.cache import FeatureCache
+from cirlab.features.table import PairTable
 from cirlab.methods import METHODS, create_method, load_method
 from cirlab.methods.base import checkpoint_info
 from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
 from cirlab.training.run import load_run_config
+from cirlab.training.sources import ShapesSource
 from cirlab.types import Backbone, PairEncoder, PairFeatures
 
 TEXTS = ["make the red circle blue", "remove the square", "add a small green star at the top right"]
@@ -172,6 +176,32 @@ def test_pair_stage_one_targets_are_the_pair_embeddings(mllm, table, pairs):
         plain = make_batch_fn("pairs", 6, seed=0, images=table, captions=[["a"]] * len(table))(0, 0)
         with pytest.raises(ValueError, match="pair embeddings"):
             method.training_loss("prior", plain)
+
+
+class _Corpus:
+    """The parts of the Shapes corpus a ``pairs`` stage reads."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def caption(self, i: int, rng) -> str:
+        return rng.choice(CAPTIONS[i % len(CAPTIONS)])
+
+
+def test_the_shapes_source_serves_pair_rows_when_the_method_asks(mllm, images, cache):
+    world = SimpleNamespace(corpus=lambda: _Corpus(images))
+    source = ShapesSource(world, cache, captions_per_image=2)
+    method = _method(mllm, fused="pair")
+    method.prepare_stage("prior")
+    data = source.stage_data_for(method, "prior")
+    assert isinstance(data.images, PairTable) and len(data.images) == len(data.captions) == 2 * N_IMAGES
+    assert data.info == {"pairs": 2 * N_IMAGES}
+    assert all(len(c) == 1 for c in data.captions)
+    plain = source.stage_data_for(_method(mllm), "prior")
+    assert isinstance(plain.images, FeatureTable) and len(plain.images) == N_IMAGES
 
 
 def test_both_stages_train_through_the_loop_without_re_encoding(mllm, table, pairs, tmp_path, monkeypatch):
