@@ -7,6 +7,7 @@ embeddings have a namespace of their own, keyed by the image's and the text's co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from cirlab.data.images import load_image
+from cirlab.distributed import World
 from cirlab.features.cache import FeatureCache, encoder_key
+from cirlab.features.distributed import sharded_get_or_compute
 from cirlab.features.hashing import hash_array, hash_bytes, hash_files
 from cirlab.features.table import FeatureTable, PairTable
 from cirlab.types import PairEncoder
@@ -32,6 +35,10 @@ def _encode(backbone: Any, pixels: torch.Tensor, part: str) -> dict[str, np.ndar
     if part == "embeds":
         return {part: feats.embeds.float().cpu().numpy()}
     return {part: feats.tokens.half().cpu().numpy()}
+
+
+def _encode_files(backbone: Any, batch: list[Path], part: str) -> dict[str, np.ndarray]:
+    return _encode(backbone, backbone.preprocess([load_image(p) for p in batch]), part)
 
 
 def _to_tensor(feats: Any, part: str) -> torch.Tensor:
@@ -57,8 +64,13 @@ def cached_image_features(
     batch_size: int = 256,
     with_tokens: bool = False,
     progress: bool = False,
+    world: World | None = None,
 ) -> FeatureTable:
-    """Features of image files, encoded only where the cache lacks them (files identified by their bytes)."""
+    """Features of image files, encoded only where the cache lacks them (files identified by their bytes).
+
+    With ``world`` (every process of a ``torchrun`` job calls this with the same files), the processes split the
+    encoding and commit it chunk by chunk (``cirlab.features.distributed``); each then returns all the features.
+    """
     parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
     arrays = {}
     for part in parts:
@@ -66,14 +78,13 @@ def cached_image_features(
         try:
             if bar is not None:
                 bar.start()
-            feats = cache.get_or_compute(
-                list(paths),
-                backbone_cache_key(backbone, part),
-                lambda batch, part=part: _encode(backbone, backbone.preprocess([load_image(p) for p in batch]), part),
-                batch_size=batch_size,
-                storage_dtype="float32" if part == "embeds" else "float16",
-                progress=callback,
-            )
+            encode_fn = functools.partial(_encode_files, backbone, part=part)
+            options = {"batch_size": batch_size, "storage_dtype": "float32" if part == "embeds" else "float16"}
+            key = backbone_cache_key(backbone, part)
+            if world is None:
+                feats = cache.get_or_compute(list(paths), key, encode_fn, progress=callback, **options)
+            else:
+                feats = sharded_get_or_compute(cache, paths, key, encode_fn, world=world, progress=callback, **options)
         finally:
             if bar is not None:
                 bar.stop()

@@ -472,6 +472,48 @@ class FeatureCache:
             batch_size=batch_size, storage_dtype=storage_dtype, on_error=on_error, progress=progress,
         )  # fmt: skip
 
+    def lookup(
+        self,
+        items: Sequence[Any],
+        encoder_key: str,
+        keys: Sequence[str | None] | None = None,
+        failed: Mapping[Any, str] | None = None,
+        n_encoded: int = 0,
+    ) -> CachedFeatures:
+        """Cached features of ``items`` without encoding anything (e.g. what several processes committed).
+
+        Args:
+            items: image files (hashed, through the digest memo) or, with ``keys``, any items.
+            encoder_key: the encoder identity.
+            keys: the content key of each item (None: the item has none, e.g. an unreadable file).
+            failed: item -> why it has no features, for messages (items absent from the cache get "not computed").
+            n_encoded: reported as ``n_encoded`` of the result.
+        """
+        if keys is None:
+            paths = [Path(p) for p in items]
+            digests = hash_files(paths, self._memo, self.hash_workers)
+            keys = [None if isinstance(d, OSError) else d for d in digests]
+            unreadable = {
+                p: f"{type(d).__name__}: {d}" for p, d in zip(paths, digests, strict=True) if isinstance(d, OSError)
+            }
+            failed = {**unreadable, **(failed or {})}
+            items = paths
+        ns = self._namespace(encoder_key)
+        ns.refresh()
+        ok = [i for i, k in enumerate(keys) if k is not None and k in ns.index]
+        present = set(ok)
+        reasons = {
+            items[i]: (failed or {}).get(items[i], "not computed") for i in range(len(items)) if i not in present
+        }
+        return CachedFeatures(
+            ns,
+            items=[items[i] for i in ok],
+            keys=[keys[i] for i in ok],
+            positions=np.array(ok, dtype=np.int64),
+            failed=reasons,
+            n_encoded=n_encoded,
+        )
+
     def get_or_compute_keys(
         self,
         keys: Sequence[str],

@@ -1,9 +1,30 @@
-"""Contrastive and distillation losses shared by methods."""
+"""Contrastive and distillation losses shared by methods.
+
+Under ``torch.distributed`` with several processes, each process holds its share of the global batch; the
+contrastive losses gather the other processes' keys (with gradient) so that the negatives are the whole global
+batch, as in one process. Each process then returns the mean over *its* queries, and the training loop averages
+gradients over processes, which gives exactly the gradient of the single-process loss over the global batch.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's ``x`` (equal shapes) concatenated in rank order, differentiable; and where ours starts.
+
+    Returns ``(x, 0)`` in a single process. The backward pass sums each process's gradient contributions into
+    the process that owns the rows (``torch.distributed.nn.functional.all_gather``).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x.contiguous())
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
 
 
 def clip_temperature(backbone, configured: float) -> float:
@@ -17,6 +38,7 @@ def info_nce(
     temperature: float | torch.Tensor = 0.07,
     symmetric: bool = False,
     extra_negatives: torch.Tensor | None = None,
+    gather: bool = True,
 ) -> torch.Tensor:
     """InfoNCE where ``queries[i]`` matches ``keys[i]`` and the other keys of the batch are negatives.
 
@@ -26,14 +48,19 @@ def info_nce(
         temperature: softmax temperature (a tensor for a learnable one).
         symmetric: average with the keys -> queries direction (CLIP's loss).
         extra_negatives: optional per-query hard negatives (B, k, d), L2-normalised.
+        gather: under ``torch.distributed``, use every process's keys (and, when symmetric, queries) as
+            negatives; False keeps the negatives of this process's share only.
     """
-    logits = queries @ keys.t() / temperature  # (B, B)
-    labels = torch.arange(queries.shape[0], device=queries.device)
+    all_keys, offset = gather_with_grad(keys) if gather else (keys, 0)  # (G, d), G = B * processes
+    labels = torch.arange(queries.shape[0], device=queries.device) + offset
+    logits = queries @ all_keys.t() / temperature  # (B, G)
     if extra_negatives is not None:
         hard = torch.einsum("bd,bkd->bk", queries, extra_negatives) / temperature  # (B, k)
         loss = F.cross_entropy(torch.cat([logits, hard], dim=1), labels)
     else:
         loss = F.cross_entropy(logits, labels)
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.t(), labels))
+        # One process: the transposed logits (bit-identical to before); several: keys against every query.
+        reverse = logits.t() if all_keys is keys else keys @ gather_with_grad(queries)[0].t() / temperature  # (B, G)
+        loss = 0.5 * (loss + F.cross_entropy(reverse, labels))
     return loss

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from cirlab.backbones.hf_clip import HFCLIPBackbone
 from cirlab.backbones.tiny import SmallCLIPConfig, build_small_clip
+from cirlab.distributed import current_world
+from cirlab.modules.losses import gather_with_grad
 from cirlab.training.data import epoch_indices
 from cirlab.training.loop import TrainConfig, train
 
@@ -57,9 +59,15 @@ def clip_loss(backbone: HFCLIPBackbone, pixels: torch.Tensor, captions: list[str
     v = F.normalize(backbone.encode_image(pixels).embeds, dim=-1)  # (B, d)
     t = F.normalize(backbone.encode_text(backbone.tokenize(captions)).embeds, dim=-1)  # (B, d)
     scale = backbone.logit_scale.exp().clamp(max=100.0)
-    logits = scale * v @ t.t()  # (B, B)
-    labels = torch.arange(len(captions))
-    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    v_all, offset = gather_with_grad(v)  # (G, d): every process's share of the global batch (G = B in one process)
+    if v_all is v:
+        logits = scale * v @ t.t()  # (B, B)
+        labels = torch.arange(len(captions))
+        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    else:
+        t_all = gather_with_grad(t)[0]  # (G, d)
+        labels = torch.arange(len(captions), device=v.device) + offset
+        loss = 0.5 * (F.cross_entropy(scale * v @ t_all.t(), labels) + F.cross_entropy(scale * t @ v_all.t(), labels))
     return {"loss": loss, "scale": scale.detach()}
 
 
@@ -114,12 +122,19 @@ def pretrain_clip(
     backbone = build_small_clip(cfg.model, corpus_texts, seed=seed, name="shapes-clip")
     tc = cfg.train
 
+    # Under torchrun each process reads its share of the global batch (the captions are drawn for the whole
+    # batch, so the examples are those one process would see).
+    share = current_world()
+
     def batch_fn(step: int, micro: int) -> tuple[torch.Tensor, list[str]]:
         idx = epoch_indices(len(images), tc.batch_size, step, micro, tc.grad_accum, tc.seed).numpy()
         rng = random.Random(f"clip/{tc.seed}/{step}/{micro}")
+        captions = [caption_fn(int(i), rng) for i in idx]
+        local = share.local_slice(len(idx))
+        idx, captions = idx[local], captions[local]
         pixels = backbone.image_transform.from_uint8(np.asarray(images[np.sort(idx)]))
         order = np.argsort(np.argsort(idx))  # undo the sort used for the memory-mapped read
-        return pixels[torch.from_numpy(order)], [caption_fn(int(i), rng) for i in idx]
+        return pixels[torch.from_numpy(order)], captions
 
     def eval_fn() -> dict[str, float]:
         if eval_images is None or eval_captions is None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cirlab.distributed import World
 from cirlab.features.table import FeatureTable
 from cirlab.types import ImageFeatures
 
@@ -84,8 +85,13 @@ def make_batch_fn(
     captions: Sequence[Sequence[str]] | None = None,
     triplets: Sequence[Triplet] | None = None,
     hard_negatives: Callable[[torch.Tensor], ImageFeatures] | None = None,
+    world: World | None = None,
 ) -> Callable[[int, int], dict[str, Any]]:
     """Builds ``(step, micro) -> batch`` for a stage's data kind.
+
+    With several processes (``world``), each returns its ``world.local_slice`` of the global micro-batch of
+    ``batch_size`` examples; captions are drawn for the whole global batch first, so the processes together see
+    exactly the examples one process would.
 
     Args:
         kind: ``images`` | ``pairs`` | ``captions`` | ``triplets`` | ``synthetic_triplets``.
@@ -96,24 +102,31 @@ def make_batch_fn(
         captions: per image, its captions (``pairs``; one is drawn per step) or, for ``captions``, the corpus.
         triplets: training triplets.
         hard_negatives: optional ``target rows (B,) -> ImageFeatures (B, k)`` for mined negatives.
+        world: this process's rank and the number of processes (default: one process).
     """
+    share = world or World()
+
+    def indices(n: int, step: int, micro: int) -> tuple[torch.Tensor, slice]:
+        idx = epoch_indices(n, batch_size, step, micro, grad_accum, seed)  # (B,) the global micro-batch
+        return idx, share.local_slice(len(idx))
 
     def batch(step: int, micro: int) -> dict[str, Any]:
         rng = _choice_rng(seed, step, micro)
         if kind == "images":
-            idx = epoch_indices(len(images), batch_size, step, micro, grad_accum, seed)
-            return {"image": images.gather(idx)}
+            idx, local = indices(len(images), step, micro)
+            return {"image": images.gather(idx[local])}
         if kind == "pairs":
-            idx = epoch_indices(len(images), batch_size, step, micro, grad_accum, seed)
-            return {"image": images.gather(idx), "caption": [rng.choice(captions[i]) for i in idx.tolist()]}
+            idx, local = indices(len(images), step, micro)
+            drawn = [rng.choice(captions[i]) for i in idx.tolist()]
+            return {"image": images.gather(idx[local]), "caption": drawn[local]}
         if kind == "captions":
             # The corpus may hold one caption per entry or several phrasings to draw from.
-            idx = epoch_indices(len(captions), batch_size, step, micro, grad_accum, seed)
+            idx, local = indices(len(captions), step, micro)
             picked = [captions[i] for i in idx.tolist()]
-            return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked]}
+            return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked][local]}
         if kind in ("triplets", "synthetic_triplets", "pseudo_triplets"):
-            idx = epoch_indices(len(triplets), batch_size, step, micro, grad_accum, seed)
-            chosen = [triplets[i] for i in idx.tolist()]
+            idx, local = indices(len(triplets), step, micro)
+            chosen = [triplets[i] for i in idx[local].tolist()]
             target_rows = images.rows([t.target for t in chosen])
             out = {
                 "ref": images.gather(images.rows([t.reference for t in chosen])),

@@ -4,6 +4,15 @@ Methods supply a loss and their trainable parameters; data providers supply batc
 step (so resuming replays the same data); the loop owns the optimizer, schedule, gradient accumulation, bf16
 autocast, EMA, step-based validation with best-checkpoint selection, checkpoints with exact resume (parameters,
 optimizer, scheduler, RNG state), a CSV metrics log and a progress bar.
+
+Several processes (``torchrun``): every process calls ``train`` with a ``batch_fn`` that returns its share of the
+global batch (``make_batch_fn(..., world=...)``). The loop averages gradients over processes itself, with one flat
+``torch.distributed`` all-reduce per optimizer step, rather than wrapping the module in ``DistributedDataParallel``:
+methods compute losses through their own functions (not ``module.forward``, which DDP hooks), train a subset of
+their parameters, and accumulate gradients over micro-batches, and one all-reduce after the last micro-batch is
+what DDP with ``no_sync`` would do. Logged values are averaged over processes; validation runs on rank 0 and its
+metrics are broadcast; only rank 0 writes the checkpoint, the log and ``best/``; every process reads the checkpoint
+to resume, so ``out_dir`` must be on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -19,7 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from cirlab.io import atomic_path, atomic_write_json
+from cirlab.distributed import (
+    World,
+    all_gather_objects,
+    all_reduce_mean,
+    average_gradients,
+    barrier,
+    broadcast_object,
+    broadcast_parameters,
+    current_world,
+    same_on_every_rank,
+)
+from cirlab.io import atomic_path, atomic_write_json, remove_stale_temporaries
 from cirlab.modules.ema import EMA
 
 STATE_FILE = "trainer_state.pt"
@@ -90,10 +110,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class _Log:
-    """Append-only CSV of metrics rows; on resume, rows past the checkpoint are dropped."""
+    """Append-only CSV of metrics rows; on resume, rows past the checkpoint are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    Only the writing process (rank 0) touches the file; the others keep the rows in memory.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
         self.path = path
+        self.write = write
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and path.is_file():
             with path.open() as f:
@@ -105,6 +129,8 @@ class _Log:
         self._flush()
 
     def _flush(self) -> None:
+        if not self.write:
+            return
         keys: list[str] = ["step"]
         for row in self.rows:
             keys += [k for k in row if k not in keys]
@@ -122,6 +148,24 @@ def _named_trainables(module: nn.Module, params: list[nn.Parameter]) -> dict[str
     return named
 
 
+def param_groups(named: dict[str, nn.Parameter], cfg: TrainConfig, lr_scales: dict[int, float]) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norms, and one group per (decay, learning-rate scale) pair.
+
+    Groups are ordered by first appearance so that a resumed run rebuilds the same optimizer layout.
+    """
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for n, p in named.items():
+        scale = float(lr_scales.get(id(p), 1.0))
+        if scale <= 0:
+            raise ValueError(f"learning-rate scale of {n} must be positive, got {scale}")
+        decays = not (p.ndim < 2 or n.endswith(".bias"))
+        groups.setdefault((decays, scale), []).append(p)
+    return [
+        {"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
+        for (decays, scale), ps in groups.items()
+    ]
+
+
 def train(
     module: nn.Module,
     params: list[nn.Parameter],
@@ -135,6 +179,8 @@ def train(
     resume: bool = True,
     description: str = "train",
     stop_after: int | None = None,
+    lr_scales: dict[int, float] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Trains ``params`` of ``module`` by minimising ``loss_fn(batch_fn(step, micro))["loss"]``.
 
@@ -151,28 +197,35 @@ def train(
         resume: continue from ``trainer_state.pt`` when present.
         description: progress-bar label.
         stop_after: stop (as if killed) after this many steps, leaving a resumable checkpoint (for tests).
+        lr_scales: multiplier of ``cfg.lr`` per parameter (by ``id``); each distinct value gets its own optimizer
+            parameter groups, and the warm-up/cosine schedule scales every group alike.
+        world: the processes training together (default: the initialised ``torch.distributed`` group, else one
+            process); every process must call ``train``, with a ``batch_fn`` that returns its share of the batch.
 
     Returns:
         A ``TrainResult`` with the best validation metrics and the history.
     """
     out_dir = Path(out_dir)
+    world = world or current_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     named = _named_trainables(module, params)
     if not named:
         raise ValueError(f"{description}: nothing to train")
     device = next(iter(named.values())).device
-    decay, no_decay = [], []
-    for n, p in named.items():
-        (no_decay if p.ndim < 2 or n.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    # Every process starts from rank 0's weights (and its EMA from them), whatever each initialised.
+    broadcast_parameters(list(named.values()), world)
+    optimizer = torch.optim.AdamW(param_groups(named, cfg, lr_scales or {}), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ema = EMA(list(named.values()), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     start, best_value, best_step, best_metrics = 0, -math.inf, -1, {}
     state_path = out_dir / STATE_FILE
+    if world.is_main:
+        # A run killed while writing leaves temporaries beside these files; they are never read, only removed.
+        remove_stale_temporaries(state_path)
+        remove_stale_temporaries(out_dir / LOG_FILE)
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_state(state_path, named, device)
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["params"][n])
@@ -180,7 +233,11 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
+        ranks_rng = state.get("rng_ranks") or [state["rng"]]
+        if world.rank < len(ranks_rng):
+            torch.set_rng_state(ranks_rng[world.rank])
+        else:
+            torch.manual_seed(cfg.seed + world.rank)
         start, best_value, best_step, best_metrics = (
             state["step"],
             state["best_value"],
@@ -188,10 +245,19 @@ def train(
             state["best_metrics"],
         )
     else:
-        torch.manual_seed(cfg.seed)
-    log = _Log(out_dir / LOG_FILE, resume_step=start if start else None)
+        # Each process draws its own random numbers (dropout, noise); rank 0's stream is the single-process one.
+        torch.manual_seed(cfg.seed + world.rank)
+    if world.distributed:
+        same_on_every_rank(start, world, f"the step {description} resumes from ({state_path} must be shared)")
+    log = _Log(out_dir / LOG_FILE, resume_step=start if start else None, write=world.is_main)
 
     def evaluate(step: int) -> dict[str, float]:
+        # Rank 0 validates (every process holds the same weights) and tells the others, who must agree on the
+        # best checkpoint.
+        metrics = run_validation() if world.is_main else {}
+        return broadcast_object(metrics, world)
+
+    def run_validation() -> dict[str, float]:
         # Validation must not consume the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             module.eval()
@@ -204,7 +270,7 @@ def train(
         return metrics
 
     def save_best(step: int, metrics: dict[str, float]) -> None:
-        if save_fn is None:
+        if save_fn is None or not world.is_main:
             return
         if ema is not None:
             with ema.swapped_in():
@@ -214,13 +280,17 @@ def train(
         atomic_write_json(out_dir / "best" / "selection.json", {"step": step, "metric": select_metric, **metrics})
 
     def checkpoint(step: int) -> None:
+        rngs = all_gather_objects(torch.get_rng_state(), world)
+        if not world.is_main:
+            return
         state = {
             "step": step,
             "params": {n: p.detach().clone() for n, p in named.items()},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
-            "rng": torch.get_rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "best_value": best_value,
             "best_step": best_step,
             "best_metrics": best_metrics,
@@ -228,7 +298,7 @@ def train(
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)
 
-    progress = _progress(cfg.progress, description, cfg.steps, start)
+    progress = _progress(cfg.progress and world.is_main, description, cfg.steps, start)
     t0 = time.perf_counter()
     module.train()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -242,11 +312,18 @@ def train(
                 with autocast:
                     out = loss_fn(batch)
                 loss = out["loss"]
-                if not torch.isfinite(loss):
+                if not world.distributed and not torch.isfinite(loss):
                     raise FloatingPointError(f"{description}: loss is {loss.item()} at step {step}")
                 (loss / cfg.grad_accum).backward()
                 for k, v in out.items():
                     logged[k] = logged.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if world.distributed:
+                # The mean over processes of their shares' losses is the loss of the global batch; a non-finite
+                # one stops every process at once instead of leaving the others waiting in the all-reduce.
+                logged = all_reduce_mean(logged, world)
+                if not math.isfinite(logged["loss"]):
+                    raise FloatingPointError(f"{description}: loss is {logged['loss']} at step {step}")
+                average_gradients(list(named.values()), world)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
@@ -277,7 +354,37 @@ def train(
                 break
     finally:
         progress.close()
+    barrier(world)  # rank 0's files (best/, the checkpoint) are complete before any process reads them
     return TrainResult(step, best_step, best_metrics, log.rows, time.perf_counter() - t0)
+
+
+def load_state(path: Path, named: dict[str, nn.Parameter], device: torch.device) -> dict[str, Any]:
+    """Reads a resumable checkpoint and checks it holds the parameters being trained, with their shapes.
+
+    Raises:
+        ValueError: naming the file when it cannot be read or belongs to another model or stage.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read this training checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+        raise ValueError(f"{path}: not a cirlab training checkpoint")
+    saved = state["params"]
+    missing = sorted(set(named) - set(saved))
+    unexpected = sorted(set(saved) - set(named))
+    wrong = sorted(n for n in set(named) & set(saved) if tuple(saved[n].shape) != tuple(named[n].shape))
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {names[:3]}{' ...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("different shapes", wrong))
+            if names
+        ]
+        raise ValueError(
+            f"{path}: this checkpoint was written for other parameters ({'; '.join(parts)}), e.g. by another "
+            "method or stage; use another output directory or delete it to start over"
+        )
+    return state
 
 
 class _progress:

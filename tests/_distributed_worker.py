@@ -1,0 +1,80 @@
+"""One process of the multi-process tests (``tests/test_distributed.py`` launches it with ``torchrun``).
+
+``OUT PATHS_JSON``: in ``OUT``, trains Pic2Word's mapping on tiny-backbone features (``full/``), each process
+reading its share of every global batch; trains it again stopped after step 3 and then resumed from the checkpoint
+on disk (``resumed/``); encodes the image files listed in ``PATHS_JSON`` into a feature cache (``cache/``), split
+over the processes, and saves what this process got back (``rank<r>.npy``). One launch does it all because
+starting processes is what costs. The test imports :func:`train_pic2word` for its single-process reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cirlab
+from cirlab.distributed import World, init_from_env, shutdown
+from cirlab.features.backbone import cached_image_features
+from cirlab.features.cache import FeatureCache
+from cirlab.methods import create_method
+from cirlab.training.data import FeatureTable, make_batch_fn
+from cirlab.training.loop import TrainConfig, TrainResult, train
+
+CFG = TrainConfig(steps=8, batch_size=8, grad_accum=2, lr=3e-3, eval_every=4, log_every=1, progress=False, seed=3)
+
+
+def train_pic2word(out_dir: Path, world: World, steps: int = CFG.steps, stop_after: int | None = None) -> TrainResult:
+    """Pic2Word's mapping on 48 random tiny-backbone images (dropout off, so processes add no noise of their own)."""
+    backbone = cirlab.create_backbone("tiny").freeze()
+    pixels = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (48, 3, 32, 32)
+    with torch.no_grad():
+        table = FeatureTable([f"i{i}" for i in range(48)], backbone.encode_image(pixels).embeds)
+    torch.manual_seed(CFG.seed)
+    method = create_method("pic2word", backbone, {"dropout": 0.0, "hidden": 64})
+    method.prepare_stage("mapping")
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": steps})
+    batch_fn = make_batch_fn("images", cfg.batch_size, cfg.seed, cfg.grad_accum, images=table, world=world)
+    probe = table.gather(torch.arange(8))
+
+    def evaluate() -> dict[str, float]:
+        q = method.compose(probe, ["is red"] * 8)
+        return {"score": float((q @ torch.nn.functional.normalize(probe.embeds, dim=-1).t()).diag().mean())}
+
+    return train(
+        method,
+        method.trainable_parameters("mapping"),
+        batch_fn,
+        lambda b: method.training_loss("mapping", b),
+        cfg,
+        out_dir,
+        eval_fn=evaluate,
+        select_metric="score",
+        save_fn=method.save,
+        stop_after=stop_after,
+        world=world,
+    )
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    out = Path(argv[0])
+    world = init_from_env()
+    try:
+        train_pic2word(out / "full", world)
+        train_pic2word(out / "resumed", world, stop_after=3)
+        train_pic2word(out / "resumed", world)
+        paths = [Path(p) for p in json.loads(Path(argv[1]).read_text())]
+        backbone = cirlab.create_backbone("tiny").freeze()
+        cache = FeatureCache(out / "cache")
+        table = cached_image_features(backbone, [p.name for p in paths], paths, cache, batch_size=4, world=world)
+        np.save(out / f"rank{world.rank}.npy", table.embeds.numpy())
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
