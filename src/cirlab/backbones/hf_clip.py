@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from cirlab.backbones.transforms import ImageTransform
+from cirlab.io import replace_dir
 from cirlab.placeholder import PLACEHOLDER
 from cirlab.registry import BACKBONES
 from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
@@ -183,9 +184,7 @@ class HFCLIPBackbone(nn.Module):
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.image_transform.to_hf_config(), indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

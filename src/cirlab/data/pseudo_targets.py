@@ -424,7 +424,9 @@ def read_manifest(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (Path(out_dir) / record["image"]).is_file():
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            continue  # not a record this module wrote (a hand-edited line): ignored like a torn one
+        if isinstance(record.get("image"), str) and (Path(out_dir) / record["image"]).is_file():
             records[record["key"]] = record
     return list(records.values())
 

@@ -191,12 +191,16 @@ def _load_split(dataset: str, split: str, annotations_dir: str | Path, gallery: 
         return load_splits(dataset, annotations_dir, image_root, split, **options)[0]
 
 
+UNREADABLE = object()
+"""What :func:`_read_submission` returns for a file that is not JSON (a file holding ``null`` parses to None)."""
+
+
 def _read_submission(path: Path, dataset: str) -> tuple[Any, list[str]]:
-    """The parsed file and problems found before looking inside (unreadable JSON, CIRR size limit)."""
+    """The parsed file (or ``UNREADABLE``) and problems found before looking inside (bad JSON, CIRR size limit)."""
     try:
         obj = read_json(path)
     except (FileNotFoundError, ValueError) as err:
-        return None, [str(err)]
+        return UNREADABLE, [str(err)]
     problems = []
     if dataset == "cirr" and path.stat().st_size > CIRR_SERVER_LIMIT_BYTES:
         problems.append(f"{path}: {path.stat().st_size} bytes, over the server's 5 MB limit")
@@ -229,7 +233,7 @@ def check_submission(
     path = Path(path)
     the_split = _load_split(dataset, split, annotations_dir, gallery)
     obj, problems = _read_submission(path, dataset)
-    if obj is None:
+    if obj is UNREADABLE:
         return problems
     return problems + submission_problems(obj, the_split)
 
@@ -272,7 +276,7 @@ def score_submission(
     parsed: dict[str, Any] = {}
     for file in map(Path, files):
         obj, problems = _read_submission(file, dataset)
-        problems += submission_problems(obj, the_split) if obj is not None else []
+        problems += submission_problems(obj, the_split) if obj is not UNREADABLE else []
         if problems:
             raise SubmissionError(str(file), problems)
         kind = detect_cirr_metric(obj) if dataset == "cirr" else "circo"

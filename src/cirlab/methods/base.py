@@ -202,12 +202,12 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
     Raises:
         FileNotFoundError / ValueError: naming the directory and the missing or mismatched tensors.
     """
-    from safetensors.torch import load_file
-
     from cirlab.backbones import create_backbone
 
     path = Path(path)
     meta = read_json(path / CONFIG_FILE)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(meta).__name__}")
     for key in ("method", "backbone", "config"):
         if key not in meta:
             raise ValueError(f"{path / CONFIG_FILE}: missing key {key!r}")
@@ -215,9 +215,7 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
         backbone = create_backbone(meta["backbone"])
     method = create_method(meta["method"], backbone.freeze(), meta["config"])
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: file not found")
-    state = load_file(str(weights))
+    state = read_weights(weights)
     own = method.trained_state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
@@ -227,6 +225,46 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
         raise ValueError(f"{weights}: unexpected tensors {result.unexpected_keys[:5]}")
     method._finetuned_keys = set(meta.get("finetuned_backbone_keys", []))
     return method.to(device).eval()
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file when it is missing, truncated or not safetensors.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+
+
+def load_weights(method: CIRMethod, path: str | Path) -> None:
+    """Loads the trained tensors of checkpoint directory ``path`` into ``method`` (in place).
+
+    Raises:
+        ValueError: naming the directory when it was written by another method, or its tensors do not fit.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        written_by = read_json(path / CONFIG_FILE).get("method")
+        if written_by != method.name:
+            raise ValueError(f"{path}: a checkpoint of method {written_by!r}, not of {method.name!r}")
+    state = read_weights(path / WEIGHTS_FILE)
+    own = method.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    if unexpected or wrong:
+        raise ValueError(
+            f"{path / WEIGHTS_FILE}: tensors that do not fit {method.name}: "
+            f"{(unexpected + wrong)[:5]}{' ...' if len(unexpected) + len(wrong) > 5 else ''}"
+        )
+    method.load_state_dict(state, strict=False)
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
