@@ -95,3 +95,39 @@ def test_train_rejects_unknown_override(quick_shapes_root, tmp_path):
         )
         != 0
     )
+
+
+def test_a_study_row_that_changes_only_stage_2_reuses_stage_1(quick_shapes_root, tmp_path):
+    import torch
+
+    from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.experiments.study import Row, run_study, study_table
+
+    env = prepare_shapes(quick=True, root=quick_shapes_root, log=lambda message: None)
+    short = ("stage1.steps=3", "stage1.eval_every=3", "stage2.steps=2", "stage2.eval_every=2")
+    rows = [
+        Row("m2c", "map-to-compose", overrides=short),
+        Row("m2c: stage 1 only", "map-to-compose", "ablation", short, evaluation=("use_adapters=false",)),
+        Row("m2c: synthetic 50%", "map-to-compose", "ablation", (*short, "synthetic.fraction=0.5")),
+        Row("m2c: no VSI", "map-to-compose", "ablation", (*short, "method.use_vsi=false")),
+    ]
+    results = run_study(env, rows, [0], quick=True, runs=tmp_path / "runs", log=lambda message: None)
+    train = {label: r["train"][0] for label, r in results["methods"].items()}
+    assert train["m2c: synthetic 50%"]["stage1"].get("reused") and not train["m2c: synthetic 50%"]["stage2"].get(
+        "reused"
+    )
+    assert not train["m2c: no VSI"]["stage1"].get("reused"), "a stage-1 change must retrain stage 1"
+    assert not train["m2c"]["stage1"].get("reused")
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 3, [r.name for r in runs]
+    # The copied stage 1 holds the donor's weights bit for bit.
+    from safetensors.torch import load_file
+
+    stage1 = [load_file(str(r / "stages" / "stage1" / "best" / "model.safetensors")) for r in runs]
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in ((stage1[0], stage1[1]), (stage1[0], stage1[2]))]
+    assert sorted(same) == [False, True]
+    # The evaluation-time switch gives the stage-1 model: other numbers than the full run, from the same run.
+    all_full = results["methods"]["m2c"]["runs"][0]["cirr/test1"]["all"]
+    all_stage1 = results["methods"]["m2c: stage 1 only"]["runs"][0]["cirr/test1"]["all"]
+    assert all_full != all_stage1
+    assert "m2c: synthetic 50%" in study_table(results, latency=True)

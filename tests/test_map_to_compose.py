@@ -177,6 +177,8 @@ def test_checkpoint_holds_the_adapters_and_round_trips(tiny_backbone, table, tmp
             stage1 = method.compose(ref, TEXTS)
         with lora_disabled(loaded.backbone):
             torch.testing.assert_close(loaded.compose(ref, TEXTS), stage1)
+        loaded.config.use_adapters = False
+        torch.testing.assert_close(loaded.compose(ref, TEXTS), stage1)
     assert not torch.allclose(stage1, method.compose(ref, TEXTS))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from cirlab.config import to_dict
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.experiments.report import top_k
 from cirlab.experiments.shapes_env import ShapesEnv
+from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS, create_method, load_method
 from cirlab.training.run import fit, load_run_config, scale_steps
 
@@ -39,25 +41,76 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _stage_keys(cls: Any, run_cfg: Any, identity: list[Any]) -> dict[str, str]:
+    """Per stage, a digest of everything its trained weights depend on: the method config, the seed, the backbone
+    and world, the loop configs of this and every earlier stage, and the synthetic-triplet options once a stage up to
+    it reads synthetic triplets. Two runs whose keys agree for a stage trained identical weights up to that stage.
+    """
+    keys, parts, synthetic = {}, [to_dict(run_cfg.method), run_cfg.seed, *identity], False
+    for stage in cls.stages:
+        parts.append(to_dict(getattr(run_cfg, stage.name)))
+        synthetic = synthetic or stage.data == "synthetic_triplets"
+        keys[stage.name] = _digest([*parts, to_dict(run_cfg.synthetic) if synthetic else None])
+    return keys
+
+
+def _reuse_earlier_stages(runs: Path, prefix: str, run_dir: Path, keys: dict[str, str]) -> list[str]:
+    """Copies finished stages from another run with the same stage keys into ``run_dir`` (the loop then resumes
+    them at their last step and trains nothing); returns the names of the stages it copied. Only a prefix of
+    stages is reused: a later stage is trained on the weights of the ones before it.
+    """
+    copied: list[str] = []
+    for stage, key in keys.items():
+        target = run_dir / "stages" / stage
+        donor = next(
+            (
+                d.parent
+                for d in sorted(runs.glob(f"{prefix}-*/stages/{stage}/stage_key"))
+                if d.read_text().strip() == key and d.parent != target and (d.parent / "best").is_dir()
+            ),
+            None,
+        )
+        if donor is None or (target / "best").is_dir():
+            break
+        tmp = target.with_name(f".{stage}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(donor, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(target)
+        copied.append(stage)
+    return copied
+
+
 def train_or_load(
-    name: str, env: ShapesEnv, seed: int, quick: bool, out: Path, force: bool, overrides: Sequence[str] = ()
+    name: str, env: ShapesEnv, seed: int, quick: bool, runs: Path, force: bool, overrides: Sequence[str] = ()
 ) -> tuple[Any, dict[str, Any]]:
-    """The method trained with its Shapes preset (reused when an identical run exists); returns it and its report."""
+    """The method trained with its Shapes preset plus ``overrides`` (reused when an identical run exists in
+    ``runs``); returns it and its report. A new run first copies the earlier stages it shares with a finished run
+    (same stage keys), so ablations of a later stage do not retrain the stages before it.
+    """
     cls = METHODS.get(name)
     run_cfg = load_run_config(name, "shapes", overrides)
     if quick:
         run_cfg = scale_steps(run_cfg, QUICK_STEPS)
     stages = {s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
     run_cfg = dataclasses.replace(run_cfg, seed=seed, **stages)
-    key = _digest([to_dict(run_cfg), env.backbone.identity(), env.world.world_id])
-    run_dir = out / "methods" / f"{name}-s{seed}-{key}"
+    identity = [env.backbone.identity(), env.world.world_id]
+    key = _digest([to_dict(run_cfg), *identity])
+    run_dir = Path(runs) / f"{name}-s{seed}-{key}"
     if not cls.stages:
         return create_method(name, env.backbone, run_cfg.method).eval(), {}
     if (run_dir / "train_report.json").is_file() and not force:
         return load_method(run_dir, backbone=env.backbone), json.loads((run_dir / "train_report.json").read_text())
+    keys = _stage_keys(cls, run_cfg, identity)
+    reused = [] if force else _reuse_earlier_stages(Path(runs), f"{name}-s{seed}", run_dir, keys)
     torch.manual_seed(seed)
     method = create_method(name, env.backbone, run_cfg.method)
     report = fit(method, env.source, run_cfg, run_dir, progress=True)
+    for stage, stage_key in keys.items():
+        atomic_write_text(run_dir / "stages" / stage / "stage_key", stage_key + "\n")
+        if stage in reused:
+            report[stage]["reused"] = True
+    atomic_write_json(run_dir / "train_report.json", report)
     return method, report
 
 
@@ -121,7 +174,7 @@ def run_demo(
         for seed in seeds:
             t0 = time.perf_counter()
             log(f"[{name}] seed {seed}")
-            method, report = train_or_load(name, env, seed, quick, out, force)
+            method, report = train_or_load(name, env, seed, quick, out / "methods", force)
             per_seed.append(evaluate_on_tests(method, env))
             if seed == seeds[0]:
                 feats = env.source.features_for(method, "cirr/test1")

@@ -24,7 +24,7 @@ Inferred here (every choice is a field of ``MapToComposeConfig``, defaults as in
   negatives plus ``k_hard = 8`` mined hard negatives per query (the training loop supplies the target's nearest
   other images in the frozen image space).
 - Inference: ``q`` as in stage 2. Because stage 2 changes nothing but the adapters, the stage-1 model is the final
-  model with its adapters switched off (``without_adapters``).
+  model with its adapters switched off (``without_adapters``, or ``use_adapters=False`` in the config).
 
 The adapters live inside the method's own deep copy of the backbone (backbones are shared between methods);
 checkpoints hold ``phi``, VSI and the adapter tensors only.
@@ -69,6 +69,8 @@ class MapToComposeConfig:
     lora_rank / lora_alpha / lora_dropout: the adapters (update scaled by ``alpha / rank``).
     lora_targets: attention projections of the text encoder that get adapters.
     k_hard: mined hard negatives per stage-2 query (0: in-batch negatives only).
+    use_adapters: compose queries with the adapters on; False evaluates the stage-1 model (an evaluation-time
+        ablation switch: stage 2 trains nothing but the adapters).
     """
 
     phi_dropout: float = 0.5
@@ -86,6 +88,7 @@ class MapToComposeConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     k_hard: int = 8
+    use_adapters: bool = True
 
 
 def _text_encoder(backbone: Any) -> nn.Module:
@@ -131,7 +134,9 @@ class MapToCompose(CIRMethod):
 
     # -- inference -----------------------------------------------------------------------------------------------
     def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
-        return prompt_query(self.backbone, self.config.prompt, texts, self.pseudo_tokens(reference))
+        switch = contextlib.nullcontext() if self.config.use_adapters else lora_disabled(self.backbone)
+        with switch:
+            return prompt_query(self.backbone, self.config.prompt, texts, self.pseudo_tokens(reference))
 
     @contextlib.contextmanager
     def without_adapters(self) -> Iterator[None]:
