@@ -25,9 +25,9 @@ from cirlab.data.shapes import (
 )
 from cirlab.features.cache import FeatureCache
 from cirlab.methods import create_method, load_method
-from cirlab.methods.tmcir import scale_learning_rate
 from cirlab.modules.token_fusion import AdaptiveTokenFusion, match_tokens
 from cirlab.training.data import PixelTable, Triplet, make_batch_fn
+from cirlab.training.loop import TrainConfig, param_groups
 from cirlab.training.sources import ShapesSource
 
 TEXTS = ["make the red circle blue", "remove the square", "add a small green star at the top right"]
@@ -230,20 +230,20 @@ def test_ablation_switches_change_the_stages(tiny_backbone):
         create_method("tmcir", tiny_backbone, {"fusion": "gated"})
 
 
-def test_learning_rate_scale_keeps_outputs_and_multiplies_adam_steps():
-    torch.manual_seed(0)
-    plain = torch.nn.Linear(4, 3)
-    start = plain.weight.detach().clone()
-    scaled = copy.deepcopy(plain)
-    scale_learning_rate(scaled, 10.0)
-    x = torch.randn(5, 4)
-    torch.testing.assert_close(scaled(x), plain(x))
-    for module in (plain, scaled):
-        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-        module(x).pow(2).sum().backward()
-        optimizer.step()
-    with torch.no_grad():
-        torch.testing.assert_close(scaled.weight - start, 10.0 * (plain.weight - start), rtol=1e-3, atol=1e-6)
+def test_the_fusion_head_gets_its_own_learning_rate_in_the_loop(tiny_backbone, tmp_path):
+    method = create_method("tmcir", tiny_backbone, {"head_lr_scale": 4.0})
+    method.prepare_stage("fusion")
+    scales = method.learning_rate_scales("fusion")
+    assert set(scales) == {id(p) for p in method.fusion.parameters()}
+    assert method.learning_rate_scales("align") == {}
+    params = method.trainable_parameters("fusion")
+    named = {n: p for n, p in method.named_parameters() if id(p) in {id(q) for q in params}}
+    groups = param_groups(named, TrainConfig(lr=1e-3), scales)
+    head = {id(p) for p in method.fusion.parameters()}
+    for group in groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1, "a group mixes head and encoder parameters"
+        assert group["lr"] == pytest.approx(4e-3 if in_head == {True} else 1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ pseudo-targets

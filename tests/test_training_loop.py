@@ -124,3 +124,26 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_backbone, tmp_path):
             TrainConfig(steps=2, progress=False),
             tmp_path,
         )
+
+
+def test_learning_rate_scales_multiply_a_parameters_steps(tmp_path):
+    """Adam's first step moves each weight by about lr, so a 10x group moves 10x as far as a 1x group."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False))
+    start = [p.detach().clone() for p in module.parameters()]
+    x = torch.randn(16, 3)
+    cfg = TrainConfig(
+        steps=1, lr=1e-3, warmup=0.0, schedule="constant", max_grad_norm=0, weight_decay=0.0, progress=False
+    )
+    train(
+        module,
+        list(module.parameters()),
+        lambda step, micro: x,
+        lambda b: {"loss": module(b).pow(2).sum()},
+        cfg,
+        tmp_path,
+        lr_scales={id(module[1].weight): 10.0},
+    )
+    moved = [float((p.detach() - s).abs().mean()) for p, s in zip(module.parameters(), start, strict=True)]
+    assert moved[0] == pytest.approx(1e-3, rel=0.05)
+    assert moved[1] == pytest.approx(1e-2, rel=0.05)

@@ -108,6 +108,14 @@ class CIRMethod(nn.Module):
         """Parameters trained in ``stage`` (everything else stays frozen)."""
         raise NotImplementedError(f"{self.name} has no trainable stage")
 
+    def learning_rate_scales(self, stage: str) -> dict[int, float]:
+        """Per-parameter multipliers of the stage's learning rate, keyed by ``id(param)``; unlisted ones train at 1x.
+
+        The training loop turns distinct multipliers into optimizer parameter groups (e.g. TMCIR's fusion head
+        trains faster than its encoders).
+        """
+        return {}
+
     def training_loss(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss of one batch of ``stage``'s data: a dict with ``loss`` and optional logged scalars."""
         raise NotImplementedError(f"{self.name} has no trainable stage")

@@ -21,7 +21,7 @@ Inferred here (METHODS.md "TMCIR"; every choice is a ``TMCIRConfig`` field):
 * ATF details: common width ``d`` (``fusion_width``), a learned CLS token (``cls_token``), learned role embeddings
   for CLS / fused / kept tokens (``type_embeddings``), learned text position embeddings as ``pos_j``, the gate
   starting at ``w = 1, b = 0``; the text projection takes no part (the fusion reads token states). The head's
-  learning-rate multiple is a reparameterisation (``scale_learning_rate``), since the loop has one learning rate.
+  learning-rate multiple reaches the loop through ``learning_rate_scales`` as its own optimizer parameter group.
 * Ablations: ``use_align=False`` (no stage A), ``align_on_real_targets`` (stage A on the real targets),
   ``fusion="sum"`` (``q = norm(v_ref) + norm(t)``) and ``fusion="concat_mlp"`` (an MLP over ``[v_ref; t]``).
 
@@ -41,7 +41,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from cirlab.data.pseudo_targets import PseudoTargetOptions
 from cirlab.methods.base import CIRMethod, Stage, register_method
@@ -102,36 +101,6 @@ class TMCIRConfig:
     pseudo_targets: PseudoTargetOptions = field(default_factory=PseudoTargetOptions)
 
 
-class _LRScale(nn.Module):
-    """``weight = factor * stored`` (see ``scale_learning_rate``)."""
-
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored * self.factor
-
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight / self.factor
-
-
-def scale_learning_rate(module: nn.Module, factor: float) -> None:
-    """Makes ``module`` train at ``factor`` x the optimizer's learning rate without a parameter group of its own.
-
-    Each parameter is stored divided by ``factor`` and multiplied back in the forward pass. An Adam step's size does
-    not depend on the gradient's scale, so a step on the stored tensor moves the weight ``factor`` times as far
-    (AdamW's decoupled weight decay keeps its usual relative rate). Outputs are unchanged.
-    """
-    if factor <= 0:
-        raise ValueError(f"learning-rate scale must be positive, got {factor}")
-    if factor == 1:
-        return
-    for sub in list(module.modules()):
-        for name, _ in list(sub.named_parameters(recurse=False)):
-            parametrize.register_parametrization(sub, name, _LRScale(factor))
-
-
 def _prompts(template: str, texts: list[str]) -> list[str]:
     if "{text}" not in template:
         raise ValueError(f"prompt template {template!r} has no {{text}} field")
@@ -180,8 +149,8 @@ class TMCIR(CIRMethod):
         elif cfg.fusion == "concat_mlp":
             hidden = cfg.mlp_hidden or 4 * d
             self.fusion = nn.Sequential(nn.Linear(2 * d, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, d))
-        if self.fusion is not None:
-            scale_learning_rate(self.fusion, cfg.head_lr_scale)
+        if cfg.head_lr_scale <= 0:
+            raise ValueError(f"head_lr_scale must be positive, got {cfg.head_lr_scale}")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
 
     # -- encoders ----------------------------------------------------------------------------------------------------
@@ -242,6 +211,11 @@ class TMCIR(CIRMethod):
         # Token fusion reads the text's token states, so the text projection does not take part in it.
         text = self._text_tower(with_projection=self.config.fusion != "atf")
         return [*text, *self._image_tower(None), *head, self.logit_scale]
+
+    def learning_rate_scales(self, stage: str) -> dict[int, float]:
+        if stage != "fusion" or self.fusion is None:
+            return {}
+        return {id(p): self.config.head_lr_scale for p in self.fusion.parameters()}
 
     def prepare_stage(self, stage: str) -> None:
         super().prepare_stage(stage)
