@@ -19,22 +19,26 @@ from cirlab.evaluation.evaluate import evaluate
 from cirlab.io import atomic_write_json
 from cirlab.methods import METHODS
 from cirlab.methods.base import CIRMethod
+from cirlab.training.corpus_source import DataOptions
 from cirlab.training.data import make_batch_fn, mine_hard_negatives
 from cirlab.training.loop import TrainConfig, train
 from cirlab.training.sources import SyntheticOptions
 
-RESERVED = {"seed", "method", "synthetic"}
+RESERVED = {"seed", "backbone", "method", "synthetic", "data"}
 
 
 def run_config_class(method: str | type[CIRMethod]) -> type:
-    """The run-config dataclass of a method: ``seed``, ``method`` (its config), ``synthetic`` (which synthetic
-    triplets a ``synthetic_triplets`` stage reads) and one ``TrainConfig`` field per stage, named after the stage.
+    """The run-config dataclass of a method: ``seed``, ``backbone`` (spec; empty: the dataset's own, e.g. the
+    Shapes CLIP), ``method`` (its config), ``synthetic`` (which synthetic triplets a ``synthetic_triplets`` stage
+    reads), ``data`` (training corpora; empty: the Shapes world) and one ``TrainConfig`` field per stage.
     """
     cls = METHODS.get(method) if isinstance(method, str) else method
     fields: list[tuple[str, Any, Any]] = [
         ("seed", int, field(default=0)),
+        ("backbone", str, field(default="")),
         ("method", cls.config_class, field(default_factory=cls.config_class)),
         ("synthetic", SyntheticOptions, field(default_factory=SyntheticOptions)),
+        ("data", DataOptions, field(default_factory=DataOptions)),
     ]
     for stage in cls.stages:
         if stage.name in RESERVED:
@@ -110,7 +114,7 @@ def fit(
     run_cfg: Any,
     out_dir: str | Path,
     stages: list[str] | None = None,
-    val_split: str = "cirr/val",
+    val_split: str | None = "cirr/val",
     select_metric: str = "avg",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def fit(
 
     out_dir = Path(out_dir)
     report: dict[str, Any] = {}
-    val = source.split(val_split)
+    val = source.split(val_split) if val_split else None
     names = [s.name for s in method.stages]
     first = min((names.index(s) for s in stages if s in names), default=len(names)) if stages is not None else 0
     for i, stage in enumerate(method.stages):
@@ -160,8 +164,9 @@ def fit(
             lambda batch, stage=stage: method.training_loss(stage.name, batch),
             cfg,
             stage_dir,
-            eval_fn=eval_fn,
-            select_metric=select_metric,
+            # Without a validation split each stage keeps its last step.
+            eval_fn=eval_fn if val is not None else None,
+            select_metric=select_metric if val is not None else None,
             save_fn=method.save,
             description=f"{method.name}/{stage.name}",
         )

@@ -1,0 +1,432 @@
+"""Training data from real corpora: ``CorpusSource`` serves every stage data kind from the corpora a run config's
+``data`` section names, with the same interface as ``ShapesSource`` so that ``fit`` and the one training loop run
+unchanged.
+
+| stage data kind | read from |
+|---|---|
+| ``images`` | ``data.images``: an image folder or webdataset shards (Pic2Word on CC3M, SEARLE on ImageNet) |
+| ``pairs`` | the same corpus, images that have captions (Map-to-Compose stage 1, Fusion-Diff prior) |
+| ``captions`` | ``data.captions`` (text/JSONL/CSV/parquet), else the image corpus's captions (LinCIR) |
+| ``synthetic_triplets`` | ``data.triplets``: triplet JSONL, images as files or as names in the image corpus |
+| ``triplets`` | the benchmark's train split (``data.benchmark`` = cirr or fashioniq), else ``data.triplets`` |
+| ``pseudo_triplets`` | the train split with ``method.pseudo_targets.manifest``, else the JSONL's ``pseudo_target`` |
+
+Images reach a frozen image encoder as cached features (``cirlab.features.corpus``: corpus passes split across
+processes and DataLoader workers, only missing images encoded); a method that fine-tunes its image encoder gets a
+``PixelTable`` that reads and decodes the images it needs per batch. Unreadable images and malformed records are
+skipped and counted; the counts go into the stage's report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cirlab.data.benchmark import CIRSplit, load_splits
+from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
+from cirlab.data.images import load_image
+from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
+from cirlab.features.backbone import backbone_cache_key, cached_image_features
+from cirlab.features.cache import FeatureCache
+from cirlab.features.corpus import CorpusFeatures, encode_corpus, entry_pixels, gather_index
+from cirlab.features.table import FeatureTable
+from cirlab.training.data import PixelTable, Triplet
+from cirlab.training.sources import Encoder, StageData, SyntheticOptions
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS = ("cirr", "fashioniq")
+
+
+@dataclass
+class DataOptions:
+    """Where a run's training and validation data come from (the ``data`` section of a run config).
+
+    Attributes:
+        images: image corpus: a folder (recursive) or webdataset shards (``/data/cc3m/{00000..00331}.tar``).
+        manifest: CSV/TSV/JSONL/parquet listing an image folder's images and captions (default: sidecar ``.txt``).
+        captions: caption corpus for ``captions`` stages (default: the image corpus's captions).
+        triplets: triplet JSONL for ``synthetic_triplets`` stages (``cirlab mine-triplets`` writes one).
+        triplet_image_root: folder the triplet image paths are relative to (default: the JSONL's folder).
+        triplets_by_name: triplet images are names in the image corpus (e.g. webdataset keys), not paths.
+        benchmark: ``cirr`` or ``fashioniq``: supervised train triplets and validation splits.
+        annotations: the benchmark's annotation root (upstream layout).
+        benchmark_images: the benchmark's image root.
+        categories: FashionIQ categories whose train triplets are used (empty: all three).
+        val: validation split as ``<benchmark>/<split>`` or ``fashioniq/<split>/<category>`` (empty: no
+            validation; each stage keeps its last step).
+        limit: read only the first N samples of each corpus (0: all); dry runs use a few.
+        num_workers: DataLoader workers reading corpora (and threads decoding images).
+        encode_batch_size: images per encoder call when filling the feature cache.
+        cache_dir: feature cache directory (default: ``CIRLAB_CACHE`` or ``~/.cache/cirlab``).
+    """
+
+    images: str = ""
+    manifest: str = ""
+    captions: str = ""
+    triplets: str = ""
+    triplet_image_root: str = ""
+    triplets_by_name: bool = False
+    benchmark: str = ""
+    annotations: str = ""
+    benchmark_images: str = ""
+    categories: list[str] = field(default_factory=list)
+    val: str = ""
+    limit: int = 0
+    num_workers: int = 2
+    encode_batch_size: int = 256
+    cache_dir: str = ""
+
+    def used(self) -> bool:
+        """Whether any data is named (otherwise a run trains on the Shapes world)."""
+        return bool(self.images or self.captions or self.triplets or self.benchmark)
+
+
+def _subset(table: FeatureTable, keep: list[int]) -> FeatureTable:
+    rows = torch.tensor(keep, dtype=torch.long)
+    tokens = table.tokens[rows] if table.tokens is not None else None
+    return FeatureTable([table.names[i] for i in keep], table.embeds[rows], tokens)
+
+
+class CorpusSource:
+    """Training data and validation splits from the corpora of ``options`` (see the module docstring).
+
+    Args:
+        options: the run config's ``data`` section.
+        cache: the feature cache (shared by every process of a distributed run).
+        rank / world_size: this process's share of corpus passes (default: torch.distributed's, else one process).
+    """
+
+    def __init__(
+        self, options: DataOptions, cache: FeatureCache, rank: int | None = None, world_size: int | None = None
+    ) -> None:
+        if options.benchmark and options.benchmark not in BENCHMARKS:
+            raise ValueError(f"data.benchmark must be one of {', '.join(BENCHMARKS)}, got {options.benchmark!r}")
+        self.options = options
+        self.cache = cache
+        self.rank, self.world_size = rank, world_size
+        self._image_corpus: ImageCorpus | None = None
+        self._encoded: dict[tuple[str, bool], CorpusFeatures] = {}
+        self._splits: dict[str, CIRSplit] = {}
+        self._features: dict[tuple[str, str, bool], FeatureTable] = {}
+
+    def describe(self) -> str:
+        o = self.options
+        parts = [
+            f"images: {o.images}" if o.images else "",
+            f"captions: {o.captions}" if o.captions else "",
+            f"triplets: {o.triplets}" if o.triplets else "",
+            f"benchmark: {o.benchmark} ({o.annotations})" if o.benchmark else "",
+            f"validation: {o.val or 'none (last step kept)'}",
+        ]
+        return "; ".join(p for p in parts if p)
+
+    # -- evaluation splits -----------------------------------------------------------------------------------------
+    def split(self, name: str) -> CIRSplit:
+        """``<benchmark>/<split>`` or ``fashioniq/<split>/<category>`` from ``data.annotations``."""
+        if name not in self._splits:
+            family, _, rest = name.partition("/")
+            split, _, category = rest.partition("/")
+            if family not in BENCHMARKS or not split:
+                raise KeyError(f"unknown split {name!r}; use cirr/<split> or fashioniq/<split>/<category>")
+            if not self.options.annotations:
+                raise ValueError(f"split {name!r} needs data.annotations (the {family} annotation root)")
+            if family == "fashioniq" and not category:
+                raise ValueError(f"{name!r}: a FashionIQ split names its category, e.g. fashioniq/{split}/dress")
+            options = {"category": category} if family == "fashioniq" else {}
+            images = self.options.benchmark_images or None
+            (self._splits[name],) = load_splits(family, self.options.annotations, images, split, **options)
+        return self._splits[name]
+
+    def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
+        """Backbone features of every image of a split (through the cache)."""
+        key = (name, backbone.identity(), with_tokens)
+        if key not in self._features:
+            split = self.split(name)
+            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
+            paths = [split.image_path(n) for n in names]
+            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
+        return self._features[key]
+
+    def features_for(self, method: Any, name: str) -> FeatureTable:
+        """A split's features as ``method`` sees them (fresh encodings once it fine-tunes its image encoder)."""
+        if method.image_encoder_frozen:
+            return self.features(name, method.backbone, method.needs_image_tokens)
+        from cirlab.evaluation.evaluate import split_features
+
+        was_training = method.training
+        method.eval()
+        try:
+            return split_features(method, self.split(name))
+        finally:
+            method.train(was_training)
+
+    # -- training data -----------------------------------------------------------------------------------------------
+    def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
+        """Inputs of ``method``'s ``stage`` (call after ``method.prepare_stage(stage)``)."""
+        kind = method.stage(stage).data
+        encode = None if method.image_encoder_frozen else method.encode_images
+        pseudo = getattr(method.config, "pseudo_targets", None)
+        return self.stage_data(
+            kind, method.backbone, method.needs_image_tokens, synthetic, encode=encode, pseudo=pseudo
+        )
+
+    def stage_data(
+        self,
+        kind: str,
+        backbone: Any,
+        with_tokens: bool = False,
+        synthetic: SyntheticOptions | None = None,
+        encode: Encoder | None = None,
+        pseudo: PseudoTargetOptions | None = None,
+    ) -> StageData:
+        """Inputs of one stage of kind ``images``, ``pairs``, ``captions``, ``triplets``, ``synthetic_triplets`` or
+        ``pseudo_triplets`` (arguments as in ``ShapesSource.stage_data``)."""
+        if kind in ("images", "pairs"):
+            return self._images(kind, backbone, with_tokens, encode)
+        if kind == "captions":
+            return self._captions()
+        if kind == "triplets":
+            if self.options.benchmark:
+                return self._benchmark_triplets(backbone, with_tokens, encode, None)
+            return self._jsonl_triplets(backbone, with_tokens, encode, SyntheticOptions(), pseudo=False)
+        if kind == "synthetic_triplets":
+            return self._jsonl_triplets(backbone, with_tokens, encode, synthetic or SyntheticOptions(), pseudo=False)
+        if kind == "pseudo_triplets":
+            options = pseudo or PseudoTargetOptions()
+            if self.options.benchmark and options.manifest:
+                return self._benchmark_triplets(backbone, with_tokens, encode, Path(options.manifest))
+            if self.options.triplets:
+                return self._jsonl_triplets(backbone, with_tokens, encode, SyntheticOptions(), pseudo=True)
+            raise ValueError(
+                "a pseudo_triplets stage needs pseudo-targets: set method.pseudo_targets.manifest to a folder written "
+                "by `cirlab generate-pseudo-targets` (with data.benchmark), or data.triplets to a JSONL whose records "
+                "have a pseudo_target"
+            )
+        raise ValueError(f"unknown data kind {kind!r}")
+
+    # -- image corpora -------------------------------------------------------------------------------------------------
+    def image_corpus(self) -> ImageCorpus:
+        if not self.options.images:
+            raise ValueError("this stage reads images: set data.images to an image folder or webdataset shards")
+        if self._image_corpus is None:
+            self._image_corpus = open_image_corpus(self.options.images, self.options.manifest, self.options.limit)
+            logger.info("image corpus: %s", self._image_corpus.describe())
+        return self._image_corpus
+
+    def encoded_corpus(self, backbone: Any, with_tokens: bool) -> CorpusFeatures:
+        """The image corpus through the feature cache (once per backbone and token need)."""
+        key = (backbone.identity(), with_tokens)
+        if key not in self._encoded:
+            self._encoded[key] = encode_corpus(
+                self.image_corpus(),
+                backbone,
+                self.cache,
+                with_tokens=with_tokens,
+                batch_size=self.options.encode_batch_size,
+                num_workers=self.options.num_workers,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        return self._encoded[key]
+
+    def _corpus_images(self, backbone: Any, with_tokens: bool, encode: Encoder | None):
+        """(image table, captions per row, skip counts) of the image corpus."""
+        if encode is None:
+            encoded = self.encoded_corpus(backbone, with_tokens)
+            return encoded.table, encoded.captions, encoded.skipped
+        entries, skipped = gather_index(
+            self.image_corpus(), self.options.num_workers, self.rank, self.world_size, self.cache.root / "corpus-index"
+        )
+        pixels = entry_pixels(backbone, entries, self.options.num_workers)
+        return PixelTable([e.name for e in entries], pixels, encode), [e.captions for e in entries], skipped
+
+    def _images(self, kind: str, backbone: Any, with_tokens: bool, encode: Encoder | None) -> StageData:
+        table, captions, skipped = self._corpus_images(backbone, with_tokens, encode)
+        info: dict[str, Any] = {"images": len(table), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
+        if kind == "images":
+            return StageData(images=table, info=info)
+        keep = [i for i, c in enumerate(captions) if c]
+        if not keep:
+            raise ValueError(f"{self.image_corpus().describe()}: a pairs stage needs captions, and no image has one")
+        if len(keep) < len(table):
+            info["without_caption"] = len(table) - len(keep)
+            if isinstance(table, FeatureTable):
+                table = _subset(table, keep)
+            else:
+                table = PixelTable([table.names[i] for i in keep], _rows_of(table.pixels, keep), table.encode)
+            captions = [captions[i] for i in keep]
+            info["images"] = len(keep)
+        return StageData(images=table, captions=captions, info=info)
+
+    def _captions(self) -> StageData:
+        if self.options.captions:
+            corpus = CaptionCorpus(self.options.captions, limit=self.options.limit)
+            skipped = corpus.skips.as_dict()
+            captions: list[Any] = corpus.captions
+        else:
+            entries, skipped = gather_index(
+                self.image_corpus(),
+                self.options.num_workers,
+                self.rank,
+                self.world_size,
+                self.cache.root / "corpus-index",
+            )
+            # Each image's captions stay together: the batch draws one phrasing per image.
+            captions = [e.captions for e in entries if e.captions]
+            if not captions:
+                raise ValueError(f"{self.image_corpus().describe()}: no captions (set data.captions)")
+        info = {"captions": len(captions), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
+        return StageData(captions=captions, info=info)
+
+    # -- triplets ------------------------------------------------------------------------------------------------------
+    def _file_table(
+        self, backbone: Any, paths: list[str], with_tokens: bool, encode: Encoder | None
+    ) -> tuple[FeatureTable | PixelTable, set[str]]:
+        """Images named by their file paths: cached features (unreadable files left out) or pixels."""
+        if encode is not None:
+            missing = {p for p in paths if not Path(p).is_file()}
+            kept = [p for p in paths if p not in missing]
+            return PixelTable(kept, _file_pixels(backbone, kept), encode), missing
+        arrays, failed = {}, set()
+        parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
+        for part in parts:
+
+            def encode_files(batch: list[Path], part: str = part) -> dict[str, np.ndarray]:
+                with torch.no_grad():
+                    feats = backbone.encode_image(backbone.preprocess([load_image(p) for p in batch]))
+                out = feats.embeds.float() if part == "embeds" else feats.tokens.half()
+                return {part: out.cpu().numpy()}
+
+            result = self.cache.get_or_compute(
+                paths,
+                backbone_cache_key(backbone, part),
+                encode_files,
+                batch_size=self.options.encode_batch_size,
+                storage_dtype="float32" if part == "embeds" else "float16",
+                on_error="skip",
+            )
+            failed |= {str(p) for p in result.failed}
+            arrays[part] = result
+        kept = [p for p in paths if p not in failed]
+        tensors = {}
+        for part, result in arrays.items():
+            # Rows of the items that succeeded for every part, in request order.
+            by_item = {str(item): i for i, item in enumerate(result.items)}
+            rows = [by_item[p] for p in kept]
+            dtype = np.float32 if part == "embeds" else np.float16
+            tensors[part] = torch.from_numpy(np.array(result.take(part, rows, dtype=dtype)))
+        return FeatureTable(kept, tensors["embeds"], tensors.get("tokens")), failed
+
+    def _triplet_table(
+        self, triplets: list[Triplet], backbone: Any, with_tokens: bool, encode: Encoder | None, by_name: bool
+    ) -> tuple[FeatureTable | PixelTable, list[Triplet], dict[str, int]]:
+        """The images of ``triplets`` and the triplets whose images are all usable (the others counted)."""
+        if by_name:
+            table, _, skipped = self._corpus_images(backbone, with_tokens, encode)
+            unusable: set[str] = set()
+        else:
+            names = list(dict.fromkeys(n for t in triplets for n in (t.reference, t.target)))
+            table, unusable = self._file_table(backbone, names, with_tokens, encode)
+            skipped = {"unreadable image": len(unusable)} if unusable else {}
+        index = table.index
+        kept = [t for t in triplets if t.reference in index and t.target in index]
+        if len(kept) < len(triplets):
+            skipped = {**skipped, "triplet with unusable image": len(triplets) - len(kept)}
+            logger.warning("skipped %d triplets whose images are missing or unreadable", len(triplets) - len(kept))
+        if not kept:
+            raise ValueError("no triplet has both images available (check data.triplet_image_root / data.images)")
+        return table, kept, skipped
+
+    def _jsonl_triplets(
+        self, backbone: Any, with_tokens: bool, encode: Encoder | None, options: SyntheticOptions, pseudo: bool
+    ) -> StageData:
+        if not self.options.triplets:
+            raise ValueError("this stage reads triplets: set data.triplets to a triplet JSONL")
+        if options.corrupt_fraction is not None:
+            raise ValueError("synthetic.corrupt_fraction selects a Shapes-world file; corrupt a JSONL before training")
+        if not 0 < options.fraction <= 1:
+            raise ValueError(f"synthetic fraction must be in (0, 1], got {options.fraction}")
+        corpus = TripletCorpus(
+            self.options.triplets,
+            self.options.triplet_image_root or None,
+            by_name=self.options.triplets_by_name,
+            limit=self.options.limit,
+        )
+        records = corpus.records[: max(1, round(options.fraction * len(corpus.records)))]
+        if pseudo:
+            without = sum(r.pseudo_target is None for r in records)
+            records = [r for r in records if r.pseudo_target is not None]
+            if not records:
+                raise ValueError(f"{corpus.path}: no record has a pseudo_target")
+            if without:
+                logger.warning("%s: %d records without pseudo_target left out", corpus.path, without)
+        triplets = [Triplet(r.reference, r.text, r.pseudo_target if pseudo else r.target) for r in records]
+        table, kept, skipped = self._triplet_table(
+            triplets, backbone, with_tokens, encode, by_name=self.options.triplets_by_name
+        )
+        skipped = {**corpus.skips.as_dict(), **skipped}
+        info = {"triplets": len(kept), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
+        return StageData(images=table, triplets=kept, info=info)
+
+    def _train_splits(self) -> list[CIRSplit]:
+        o = self.options
+        if not o.annotations:
+            raise ValueError(f"data.benchmark {o.benchmark!r} needs data.annotations (its annotation root)")
+        images = o.benchmark_images or None
+        if o.benchmark == "fashioniq":
+            categories = o.categories or ["dress", "shirt", "toptee"]
+            return [s for c in categories for s in load_splits("fashioniq", o.annotations, images, "train", category=c)]
+        return load_splits(o.benchmark, o.annotations, images, "train")
+
+    def _benchmark_triplets(
+        self, backbone: Any, with_tokens: bool, encode: Encoder | None, pseudo_manifest: Path | None
+    ) -> StageData:
+        """The benchmark's human-annotated train triplets (supervised stages only), optionally with pseudo-targets
+        in place of the real targets."""
+        splits = self._train_splits()
+        paths: dict[str, str] = {}
+        triplets: list[Triplet] = []
+        info: dict[str, Any] = {}
+        for split in splits:
+            for q in split.queries:
+                paths.setdefault(q.reference, str(split.image_path(q.reference)))
+            if pseudo_manifest is None:
+                for q in split.queries:
+                    paths.setdefault(q.targets[0], str(split.image_path(q.targets[0])))
+                    triplets.append(Triplet(paths[q.reference], q.text, paths[q.targets[0]]))
+            else:
+                # FashionIQ query ids restart in every category, so each category has its own generated folder.
+                folder = pseudo_manifest / split.category if split.category else pseudo_manifest
+                records = records_for(split_requests(split), folder)
+                triplets += [Triplet(paths[r["source"]["reference"]], r["source"]["text"], r["path"]) for r in records]
+                info["pseudo_generator"] = records[0]["generator"] if records else None
+        if self.options.limit:
+            triplets = triplets[: self.options.limit]
+        table, kept, skipped = self._triplet_table(triplets, backbone, with_tokens, encode, by_name=False)
+        info.update({"triplets": len(kept), "skipped": sum(skipped.values()), "skipped_by_reason": skipped})
+        return StageData(images=table, triplets=kept, info=info)
+
+
+def _file_pixels(backbone: Any, paths: list[str]):
+    """``rows -> pixels (B, 3, S, S)``: image files decoded and preprocessed for ``backbone``."""
+
+    def pixels(rows: torch.Tensor) -> torch.Tensor:
+        return backbone.preprocess([load_image(paths[i]) for i in rows.tolist()])
+
+    return pixels
+
+
+def _rows_of(pixels: Any, keep: list[int]):
+    """``pixels`` re-indexed so that row i reads the original row ``keep[i]``."""
+    mapping = torch.tensor(keep, dtype=torch.long)
+
+    def subset(rows: torch.Tensor) -> torch.Tensor:
+        return pixels(mapping[rows])
+
+    return subset
