@@ -68,6 +68,7 @@ def _register_all() -> None:
         "cirlab.cli.train",
         "cirlab.cli.search",
         "cirlab.cli.pseudo",
+        "cirlab.cli.mine",
     ):
         try:
             mod = importlib.import_module(module)
