@@ -148,6 +148,11 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def new_results(env: ShapesEnv, seeds: Sequence[int], quick: bool) -> dict[str, Any]:
+    """The results dict's header (world, CLIP quality, seeds); methods are added under ``methods``."""
+    return {"methods": {}, "seeds": list(seeds), "quick": quick, "world": env.world.world_id, "clip": env.clip_metrics}
+
+
 def run_demo(
     env: ShapesEnv,
     out: str | Path = "runs/demo",
@@ -160,13 +165,7 @@ def run_demo(
     """Trains (or reuses) and evaluates every method; returns the results dict written to ``results.json``."""
     out = Path(out)
     methods = list(methods or default_methods())
-    results: dict[str, Any] = {
-        "methods": {},
-        "seeds": list(seeds),
-        "quick": quick,
-        "world": env.world.world_id,
-        "clip": env.clip_metrics,
-    }
+    results = new_results(env, seeds, quick)
     split = env.source.split("cirr/test1")
     showcase = {"queries": showcase_queries(env)}
     for name in methods:

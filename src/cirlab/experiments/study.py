@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides
-from cirlab.experiments.demo import aggregate, evaluate_on_tests, train_or_load
+from cirlab.experiments.demo import aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.report import markdown_table
 from cirlab.experiments.shapes_env import DEFAULT_ROOT, ShapesEnv, prepare_shapes
 from cirlab.io import atomic_write_json, atomic_write_text
@@ -95,13 +95,7 @@ def run_study(
 
     Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared.
     """
-    results: dict[str, Any] = {
-        "methods": {},
-        "seeds": list(seeds),
-        "quick": quick,
-        "world": env.world.world_id,
-        "clip": env.clip_metrics,
-    }
+    results = new_results(env, seeds, quick)
     done: dict[tuple[str, tuple[str, ...], tuple[str, ...], int], dict[str, Any]] = {}
     for row in rows:
         per_seed, seconds = [], []
