@@ -8,6 +8,8 @@ gradients over processes, which gives exactly the gradient of the single-process
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,7 +25,11 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(x.contiguous())
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private module (torch.distributed._functional_collectives); still the public
+        # all-gather with autograd, so keep it and keep its warning out of every training step's output.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x.contiguous())
     return torch.cat(parts), dist.get_rank() * x.shape[0]
 
 
