@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides, load_config, to_dict
+from cirlab.distributed import World, current_world
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.io import atomic_write_json
 from cirlab.methods import METHODS
-from cirlab.methods.base import CIRMethod
+from cirlab.methods.base import CIRMethod, load_weights
 from cirlab.training.corpus_source import DataOptions
 from cirlab.training.data import make_batch_fn, mine_hard_negatives
 from cirlab.training.loop import TrainConfig, train
@@ -99,11 +100,9 @@ def load_previous_stage(method: CIRMethod, stage_dir: Path) -> None:
     """Loads the best weights an earlier run left for a stage that is skipped now, since later stages build on
     them (``cirlab train --stage stage2`` after ``--stage stage1`` into the same ``--out``); warns when none exist.
     """
-    from safetensors.torch import load_file
-
     best = stage_dir / "best" / "model.safetensors"
     if best.is_file():
-        method.load_state_dict(load_file(str(best)), strict=False)
+        load_weights(method, best.parent)
     else:
         warnings.warn(f"{method.name}: stage {stage_dir.name!r} is skipped and has no weights at {best}", stacklevel=3)
 
@@ -117,18 +116,21 @@ def fit(
     val_split: str | None = "cirr/val",
     select_metric: str = "avg",
     progress: bool = True,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Trains ``method``'s stages in order on ``source``; after each stage the best-on-validation weights are
     loaded back, and the final method is saved to ``out_dir`` (``config.json`` + ``model.safetensors``). When
     ``stages`` selects some stages, the skipped stages before the first selected one load the best weights a
     previous run left in ``out_dir``.
 
+    Under ``torchrun`` every process calls ``fit``: each reads its share of every global batch and only rank 0
+    writes files (``world`` defaults to the initialised ``torch.distributed`` group, else one process).
+
     Returns:
         Per stage: steps, best step, best validation metrics, seconds, and data info.
     """
-    from safetensors.torch import load_file
-
     out_dir = Path(out_dir)
+    world = world or current_world()
     report: dict[str, Any] = {}
     val = source.split(val_split) if val_split else None
     names = [s.name for s in method.stages]
@@ -150,6 +152,7 @@ def fit(
             captions=data.captions,
             triplets=data.triplets,
             hard_negatives=hard_negative_fn(data.images, method.hard_negatives(stage.name)),
+            world=world,
         )
 
         def eval_fn() -> dict[str, float]:
@@ -169,9 +172,10 @@ def fit(
             select_metric=select_metric if val is not None else None,
             save_fn=method.save,
             description=f"{method.name}/{stage.name}",
+            lr_scales=method.learning_rate_scales(stage.name),
+            world=world,
         )
-        best = load_file(str(stage_dir / "best" / "model.safetensors"))
-        method.load_state_dict(best, strict=False)
+        load_weights(method, stage_dir / "best")
         report[stage.name] = {
             "steps": result.steps,
             "best_step": result.best_step,
@@ -180,8 +184,9 @@ def fit(
             **data.info,
         }
     method.eval()
-    method.save(out_dir, extra={"run_config": to_dict(run_cfg), "stages": report})
-    atomic_write_json(out_dir / "train_report.json", report)
+    if world.is_main:
+        method.save(out_dir, extra={"run_config": to_dict(run_cfg), "stages": report})
+        atomic_write_json(out_dir / "train_report.json", report)
     return report
 
 
