@@ -60,9 +60,35 @@ def demo_cmd(
 
 def train_cmd(
     method: Annotated[str, typer.Argument(help="Registered method name (see `cirlab list`).")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Training data: shapes (the embedded world).")] = "shapes",
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--dataset",
+            help="auto (corpora when the preset or --data names data, else shapes) | shapes | corpus | imagefolder | "
+            "webdataset | cirr | fashioniq.",
+        ),
+    ] = "auto",
     preset: Annotated[str, typer.Option("--preset", help="Packaged preset name or a YAML/JSON file.")] = "shapes",
     overrides: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="Data setting KEY=VALUE (as --set data.KEY=VALUE), e.g. images=/cc3m/{0..9}.tar"),
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option("--annotations", help="cirr / fashioniq: the annotation root.")
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="cirr / fashioniq: the image root.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", help="Backbone spec for corpus runs (default: the preset's).")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Build everything and run a few steps on the tiny backbone with the same data pipeline (corpora "
+            "cut to a few samples); prints the effective config.",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Checkpoint directory (default runs/train/METHOD).")] = None,
     stage: Annotated[list[str] | None, typer.Option("--stage", help="Only these stages (repeatable).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
@@ -71,38 +97,69 @@ def train_cmd(
 ) -> None:
     """Train a method; writes a checkpoint directory (config.json + model.safetensors of the trained parts).
 
-    Stages resume from their last checkpoint when re-run with the same --out.
+    Stages resume from their last checkpoint when re-run with the same --out. Several processes: launch with
+    `torchrun --standalone --nproc_per_node N -m cirlab.cli.main train ...`; each reads 1/N of every batch
+    (batch_size must be a multiple of N) and rank 0 writes the checkpoint.
+
+    Real data: `cirlab train pic2word --preset cc3m-vitl14 --data images=/data/cc3m/{00000..00331}.tar`; check a
+    preset first with `--dry-run`.
 
     Example: `cirlab train pic2word --dataset shapes --set mapping.steps=200 --out runs/p2w`
     """
     import dataclasses
+    import tempfile
 
     import torch
 
+    from cirlab.distributed import init_from_env, shutdown
     from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.io import file_lock
     from cirlab.methods import METHODS, create_method
+    from cirlab.training.presets import corpus_inputs, dry_run_config, effective_config, resolve_dataset
     from cirlab.training.run import fit, load_run_config
 
-    if dataset != "shapes":
-        raise typer.BadParameter(
-            f"dataset {dataset!r} is not supported for training yet; use shapes", param_hint="--dataset"
-        )
     cls = METHODS.get(method)
-    run_cfg = load_run_config(method, preset, overrides or [])
+    run_cfg = load_run_config(method, preset, [*(overrides or []), *(f"data.{d}" for d in data or [])])
     run_cfg = dataclasses.replace(
         run_cfg, seed=seed, **{s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
     )
-    env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-    torch.manual_seed(seed)
-    model = create_method(method, env.backbone, run_cfg.method)
-    out = out or Path("runs/train") / method
-    if not cls.stages:
-        model.save(out)
-        typer.echo(f"{method} is training-free; saved its config to {out}")
-        return
-    report = fit(model, env.source, run_cfg, out, stages=stage)
-    typer.echo(json.dumps(report, indent=2))
-    typer.echo(f"checkpoint: {out}")
+    try:
+        run_cfg, source_kind = resolve_dataset(run_cfg, dataset, annotations, images, backbone)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+    if dry_run:
+        run_cfg = dry_run_config(run_cfg)
+        typer.echo(f"dry run of {method} (preset {preset}) with this effective config:\n{effective_config(run_cfg)}")
+        out = out or Path(tempfile.mkdtemp(prefix=f"cirlab-dry-run-{method}-"))
+    if source_kind == "shapes":
+        # Under torchrun the first process to get the lock builds the world and its CLIP alone (before the process
+        # group exists, so that pretraining is single-process); the others then find them built.
+        with file_lock(root / ".prepare.lock"):
+            env = prepare_shapes(quick=quick, root=root, log=typer.echo)
+        model_backbone, source, val_split = env.backbone, env.source, "cirr/val"
+        world = init_from_env()
+    else:
+        world = init_from_env()
+        model_backbone, source, val_split = corpus_inputs(run_cfg)
+        if world.is_main:
+            typer.echo(f"training data: {source.describe()}")
+    try:
+        torch.manual_seed(seed)
+        model = create_method(method, model_backbone, run_cfg.method)
+        out = out or Path("runs/train") / method
+        if not cls.stages:
+            if world.is_main:
+                model.save(out)
+                typer.echo(f"{method} is training-free; saved its config to {out}")
+            return
+        report = fit(
+            model, source, run_cfg, out, stages=stage, val_split=val_split, progress=world.is_main, world=world
+        )
+        if world.is_main:
+            typer.echo(json.dumps(report, indent=2))
+            typer.echo(f"checkpoint: {out}" + (f" (trained by {world.size} processes)" if world.distributed else ""))
+    finally:
+        shutdown()
 
 
 def eval_cmd(
