@@ -31,6 +31,7 @@ from cirlab.data.corpora import (
     read_image_bytes,
     shard_context,
 )
+from cirlab.distributed import all_gather_objects, current_world
 from cirlab.features.backbone import backbone_cache_key
 from cirlab.features.cache import FeatureCache
 from cirlab.features.hashing import hash_bytes
@@ -198,16 +199,6 @@ def entry_pixels(backbone: Any, entries: Sequence[IndexEntry], threads: int = 0)
     return pixels
 
 
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def encode_corpus(
     corpus: ImageCorpus,
     backbone: Any,
@@ -298,7 +289,7 @@ def gather_index(
 
 def _merge(corpus: ImageCorpus, local: list[IndexEntry], skips: SkipCounter) -> tuple[list[IndexEntry], dict[str, int]]:
     """Every process's entries in corpus order, the first of each name kept; skip counts summed."""
-    gathered = _gather((local, skips.as_dict()))
+    gathered = all_gather_objects((local, skips.as_dict()), current_world())
     every = sorted((e for part_entries, _ in gathered for e in part_entries), key=lambda e: e.order)
     total = SkipCounter(log_first=0)
     for _, counts in gathered:
