@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
+import cirlab.index.encode
 from cirlab.cli.main import main
 from cirlab.data.images import ImageReadError, load_image
 from cirlab.features.cache import FeatureCache
@@ -102,7 +103,7 @@ def test_a_different_model_embeds_everything_again(gallery, tmp_path):
     assert load_index(out).method_name == "text-only"
 
 
-def test_unreadable_files_are_listed_and_skipped(gallery, tmp_path):
+def test_unreadable_files_are_listed_and_skipped(gallery, tmp_path, monkeypatch):
     (gallery / "empty.png").write_bytes(b"")
     (gallery / "notes.jpg").write_text("not an image")
     good = (gallery / "img001.jpg").read_bytes()
@@ -113,6 +114,14 @@ def test_unreadable_files_are_listed_and_skipped(gallery, tmp_path):
     index = load_index(tmp_path / "index")
     assert len(index) == 24 and "notes.jpg" not in index.paths
     assert {u["path"] for u in index.manifest["unreadable"]} == set(report.unreadable)
+    decoded = []
+    load = cirlab.index.encode._load_preprocessed
+    monkeypatch.setattr(cirlab.index.encode, "_load_preprocessed", lambda p, t: decoded.append(p) or load(p, t))
+    again = build(gallery, tmp_path / "index", tmp_path / "cache")  # unchanged bad files are not decoded again
+    assert again.unreadable == report.unreadable and again.encoded == 0 and not decoded
+    draw_image(gallery / "notes.jpg", seed=5)  # fixed: now it is an image
+    fixed = build(gallery, tmp_path / "index", tmp_path / "cache")
+    assert set(fixed.unreadable) == {"empty.png", "truncated.jpg"} and fixed.count == 25
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])

@@ -178,12 +178,12 @@ def search_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{query.method}: {image} + {text!r}")
+    table = Table(title=f"{query.method}: {image} + {text!r}", caption=f"paths under {index.root}")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("path")
+    table.add_column("path", overflow="fold")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", str(hit.file))
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.path)
     Console().print(table)
 
 

@@ -82,19 +82,29 @@ def find_images(root: Path, skip: Path | None = None) -> list[str]:
     return sorted(found)
 
 
-def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> tuple[list[str], np.ndarray | None]:
-    """The previous index's digests, and its embeddings when they were made by the same model (else None)."""
+@dataclass
+class _Previous:
+    """What a rebuild takes from the previous index: its digests, its embeddings when the model is unchanged
+    (else None), and the files it could not decode (digest -> reason), which are not tried again unchanged."""
+
+    digests: list[str] = field(default_factory=list)
+    embeddings: np.ndarray | None = None
+    undecodable: dict[str, str] = field(default_factory=dict)
+
+
+def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> _Previous:
     if not (out / "index.json").exists():
-        return [], None
+        return _Previous()
     try:
         old = read_generation(out)
     except IndexFormatError as err:
         log(f"ignoring the previous index ({err}); rebuilding from scratch")
-        return [], None
+        return _Previous()
+    undecodable = {u["digest"]: u["error"] for u in old.manifest.get("unreadable", []) if u.get("digest")}
     if old.manifest["model"].get("key") != model_key:
         log("the model changed since the previous build; embedding every image again")
-        return old.digests, None
-    return old.digests, old.embeddings
+        return _Previous(old.digests, None, undecodable)
+    return _Previous(old.digests, old.embeddings, undecodable)
 
 
 def build_index(
@@ -141,13 +151,17 @@ def build_index(
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     report = BuildReport()
     digests = hash_files([root / p for p in rel_paths], StatMemo(cache.root / HASH_MEMO), cache.hash_workers)
-    old_digests, old_embeddings = _previous(out, spec.key, log)
+    previous = _previous(out, spec.key, log)
+    old_digests, old_embeddings = previous.digests, previous.embeddings
     old_rows = {d: i for i, d in enumerate(old_digests)} if old_embeddings is not None else {}
     readable = [i for i, d in enumerate(digests) if isinstance(d, str)]
     for i, d in enumerate(digests):
         if not isinstance(d, str):
             report.unreadable[rel_paths[i]] = f"{type(d).__name__}: {d}"
-    todo = [i for i in readable if digests[i] not in old_rows]
+    for i in readable:
+        if digests[i] in previous.undecodable:  # the same bytes failed to decode last time: do not try again
+            report.unreadable[rel_paths[i]] = previous.undecodable[digests[i]]
+    todo = [i for i in readable if digests[i] not in old_rows and rel_paths[i] not in report.unreadable]
     t_encode = time.perf_counter()
     encoded = encode_gallery_files(
         model,
@@ -181,11 +195,14 @@ def build_index(
         ann_index, ann_report = build_ann(embeddings, approximate, log=None)
         report.approximate = ann_report.to_dict()
     report.seconds = time.perf_counter() - t0
+    digest_of = {rel_paths[i]: digests[i] for i in readable}
     manifest = {
         "root": str(root),
         "model": spec.to_dict(),
         "approximate": report.approximate,
-        "unreadable": [{"path": p, "error": e} for p, e in sorted(report.unreadable.items())],
+        "unreadable": [
+            {"path": p, "error": e, "digest": digest_of.get(p)} for p, e in sorted(report.unreadable.items())
+        ],
         "build": {
             "seconds": round(report.seconds, 3),
             "encoded": report.encoded,
