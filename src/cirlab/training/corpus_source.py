@@ -31,12 +31,12 @@ from cirlab.data.benchmark import CIRSplit, load_splits
 from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
-from cirlab.features.backbone import backbone_cache_key, cached_image_features
+from cirlab.features.backbone import backbone_cache_key
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import CorpusFeatures, encode_corpus, entry_pixels, gather_index
 from cirlab.features.table import FeatureTable
 from cirlab.training.data import PixelTable, Triplet
-from cirlab.training.sources import Encoder, StageData, SyntheticOptions
+from cirlab.training.sources import Encoder, SplitSource, StageData, SyntheticOptions, file_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _subset(table: FeatureTable, keep: list[int]) -> FeatureTable:
     return FeatureTable([table.names[i] for i in keep], table.embeds[rows], tokens)
 
 
-class CorpusSource:
+class CorpusSource(SplitSource):
     """Training data and validation splits from the corpora of ``options`` (see the module docstring).
 
     Args:
@@ -142,29 +142,6 @@ class CorpusSource:
             images = self.options.benchmark_images or None
             (self._splits[name],) = load_splits(family, self.options.annotations, images, split, **options)
         return self._splits[name]
-
-    def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
-        """Backbone features of every image of a split (through the cache)."""
-        key = (name, backbone.identity(), with_tokens)
-        if key not in self._features:
-            split = self.split(name)
-            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
-            paths = [split.image_path(n) for n in names]
-            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
-        return self._features[key]
-
-    def features_for(self, method: Any, name: str) -> FeatureTable:
-        """A split's features as ``method`` sees them (fresh encodings once it fine-tunes its image encoder)."""
-        if method.image_encoder_frozen:
-            return self.features(name, method.backbone, method.needs_image_tokens)
-        from cirlab.evaluation.evaluate import split_features
-
-        was_training = method.training
-        method.eval()
-        try:
-            return split_features(method, self.split(name))
-        finally:
-            method.train(was_training)
 
     # -- training data -----------------------------------------------------------------------------------------------
     def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
@@ -292,7 +269,7 @@ class CorpusSource:
         if encode is not None:
             missing = {p for p in paths if not Path(p).is_file()}
             kept = [p for p in paths if p not in missing]
-            return PixelTable(kept, _file_pixels(backbone, kept), encode), missing
+            return PixelTable(kept, file_pixels(backbone, kept), encode), missing
         arrays, failed = {}, set()
         parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
         for part in parts:
@@ -411,15 +388,6 @@ class CorpusSource:
         table, kept, skipped = self._triplet_table(triplets, backbone, with_tokens, encode, by_name=False)
         info.update({"triplets": len(kept), "skipped": sum(skipped.values()), "skipped_by_reason": skipped})
         return StageData(images=table, triplets=kept, info=info)
-
-
-def _file_pixels(backbone: Any, paths: list[str]):
-    """``rows -> pixels (B, 3, S, S)``: image files decoded and preprocessed for ``backbone``."""
-
-    def pixels(rows: torch.Tensor) -> torch.Tensor:
-        return backbone.preprocess([load_image(paths[i]) for i in rows.tolist()])
-
-    return pixels
 
 
 def _rows_of(pixels: Any, keep: list[int]):

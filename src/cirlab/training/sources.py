@@ -14,6 +14,7 @@ image encoder gets a ``PixelTable`` instead (files decoded and preprocessed per 
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,46 @@ class SyntheticOptions:
     fraction: float = 1.0
 
 
-class ShapesSource:
+class SplitSource(ABC):
+    """Evaluation splits and their features, the part every training data source shares.
+
+    A subclass loads its splits in ``split`` and sets ``cache`` (the feature cache) and ``_features`` (an empty
+    dict) in its constructor; features are then computed once per (split, backbone, token need).
+    """
+
+    cache: FeatureCache
+    _features: dict[tuple[str, str, bool], FeatureTable]
+
+    @abstractmethod
+    def split(self, name: str) -> CIRSplit:
+        """The evaluation split called ``name`` (each source names its own)."""
+
+    def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
+        """Backbone features of every image of a split (cached on disk and in memory)."""
+        key = (name, backbone.identity(), with_tokens)
+        if key not in self._features:
+            split = self.split(name)
+            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
+            paths = [split.image_path(n) for n in names]
+            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
+        return self._features[key]
+
+    def features_for(self, method: Any, name: str) -> FeatureTable:
+        """Features of a split as ``method`` sees them: the shared cached features while its image encoder is
+        frozen, else fresh encodings by its own (fine-tuned) image encoder, in eval mode."""
+        if method.image_encoder_frozen:
+            return self.features(name, method.backbone, method.needs_image_tokens)
+        from cirlab.evaluation.evaluate import split_features
+
+        was_training = method.training
+        method.eval()
+        try:
+            return split_features(method, self.split(name))
+        finally:
+            method.train(was_training)
+
+
+class ShapesSource(SplitSource):
     """Training data and evaluation splits of a built Shapes world, with features from the cache.
 
     Args:
@@ -102,30 +142,6 @@ class ShapesSource:
             if combo:
                 out["heldout_combo"].append(i)
         return out
-
-    def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
-        """Backbone features of every image of a split (cached on disk and in memory)."""
-        key = (name, backbone.identity(), with_tokens)
-        if key not in self._features:
-            split = self.split(name)
-            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
-            paths = [split.image_path(n) for n in names]
-            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
-        return self._features[key]
-
-    def features_for(self, method: Any, name: str) -> FeatureTable:
-        """Features of a split as ``method`` sees them: the shared cached features while its image encoder is
-        frozen, else fresh encodings by its own (fine-tuned) image encoder, in eval mode."""
-        if method.image_encoder_frozen:
-            return self.features(name, method.backbone, method.needs_image_tokens)
-        from cirlab.evaluation.evaluate import split_features
-
-        was_training = method.training
-        method.eval()
-        try:
-            return split_features(method, self.split(name))
-        finally:
-            method.train(was_training)
 
     # -- training data -----------------------------------------------------------------------------------------------
     def corpus(self):
@@ -212,7 +228,7 @@ class ShapesSource:
         """Cached features of image files, or (with ``encode``) the files themselves, encoded at every access."""
         if encode is None:
             return cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
-        return PixelTable(names, _file_pixels(backbone, paths), encode)
+        return PixelTable(names, file_pixels(backbone, paths), encode)
 
     def _pseudo(
         self, backbone: Any, with_tokens: bool, encode: Encoder | None, options: PseudoTargetOptions
@@ -250,8 +266,9 @@ class ShapesSource:
         return StageData(images=table, triplets=triplets, info={"triplets": keep, "corrupted": corrupted})
 
 
-def _file_pixels(backbone: Any, paths: Sequence[Path]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rows -> pixels (B, 3, S, S)``: the image files at ``rows``, decoded and preprocessed on the backbone device."""
+def file_pixels(backbone: Any, paths: Sequence[str | Path]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rows -> pixels (B, 3, S, S)``: the image files at ``rows``, decoded and preprocessed on the backbone device
+    (the pixel source of a ``PixelTable`` whose images are files)."""
 
     def pixels(rows: torch.Tensor) -> torch.Tensor:
         return backbone.preprocess([load_image(paths[i]) for i in rows.tolist()])
