@@ -1,6 +1,7 @@
-"""Small corpora in the public formats, written by the tests themselves (no download): an image folder with sidecar
-captions, webdataset tar shards, a caption file, a triplet JSONL, and tiny CIRR / FashionIQ benchmarks. Also the
-body of one process of the two-process test (``torch.multiprocessing.spawn`` imports it from here).
+"""Small corpora in the public formats, written by the tests themselves (no download): random-noise PNGs, an image
+folder with sidecar captions, webdataset tar shards, a caption file, a triplet JSONL, and tiny CIRR / FashionIQ
+benchmarks. Also the body of one process of the two-process test (``torch.multiprocessing.spawn`` imports it from
+here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 230, 30)}
@@ -29,6 +31,19 @@ def image_bytes(i: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def noise_pngs(folder: Path, n: int) -> list[Path]:
+    """``n`` 32 px PNGs of seeded random noise, ``folder/img000.png`` onward (the same bytes on every call)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+        paths.append(folder / f"img{i:03d}.png")
+        paths[-1].write_bytes(buf.getvalue())
+    return paths
 
 
 def write_image_folder(root: Path, n: int = 12, corrupt: int = 0) -> list[str]:

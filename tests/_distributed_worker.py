@@ -4,7 +4,8 @@
 reading its share of every global batch; trains it again stopped after step 3 and then resumed from the checkpoint
 on disk (``resumed/``); encodes the image files listed in ``PATHS_JSON`` into a feature cache (``cache/``), split
 over the processes, and saves what this process got back (``rank<r>.npy``). One launch does it all because
-starting processes is what costs. The test imports :func:`train_pic2word` for its single-process reference run.
+starting processes is what costs. The test imports :func:`train_pic2word` for its single-process reference run, and
+``tests/test_training_loop.py`` trains through the same :func:`train_mapping`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,18 +35,51 @@ def train_pic2word(out_dir: Path, world: World, steps: int = CFG.steps, stop_aft
     pixels = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # (48, 3, 32, 32)
     with torch.no_grad():
         table = FeatureTable([f"i{i}" for i in range(48)], backbone.encode_image(pixels).embeds)
-    torch.manual_seed(CFG.seed)
-    method = create_method("pic2word", backbone, {"dropout": 0.0, "hidden": 64})
-    method.prepare_stage("mapping")
     cfg = TrainConfig(**{**CFG.__dict__, "steps": steps})
+    _, result = train_mapping(backbone, {"dropout": 0.0, "hidden": 64}, table, cfg, out_dir, 8, stop_after, world)
+    return result
+
+
+def train_mapping(
+    backbone: Any,
+    options: dict[str, Any] | None,
+    table: FeatureTable,
+    cfg: TrainConfig,
+    out_dir: Path,
+    probe_size: int,
+    stop_after: int | None = None,
+    world: World | None = None,
+) -> tuple[Any, TrainResult]:
+    """Trains the mapping stage of a new Pic2Word on ``table`` through the one loop.
+
+    Selection is on a probe score (mean cosine of the first ``probe_size`` images with their own "is red" query),
+    so checkpoint selection and resume are exercised without a benchmark. ``test_training_loop`` runs the same
+    helper in one process, so the single- and multi-process tests train alike.
+
+    Args:
+        backbone: the frozen backbone the method wraps.
+        options: the method config (None: Pic2Word's defaults).
+        table: the training images' features.
+        cfg: the loop settings; ``cfg.seed`` also seeds the method's initialisation.
+        out_dir: the run directory (an existing checkpoint there is resumed).
+        probe_size: images scored for selection.
+        stop_after: stop after this step, as a kill would.
+        world: the processes sharing each batch (None: this process alone).
+
+    Returns:
+        The trained method and the loop's result.
+    """
+    torch.manual_seed(cfg.seed)  # method initialisation is seeded here, as `cirlab train` does
+    method = create_method("pic2word", backbone, options)
+    method.prepare_stage("mapping")
     batch_fn = make_batch_fn("images", cfg.batch_size, cfg.seed, cfg.grad_accum, images=table, world=world)
-    probe = table.gather(torch.arange(8))
+    probe = table.gather(torch.arange(probe_size))
 
     def evaluate() -> dict[str, float]:
-        q = method.compose(probe, ["is red"] * 8)
+        q = method.compose(probe, ["is red"] * probe_size)
         return {"score": float((q @ torch.nn.functional.normalize(probe.embeds, dim=-1).t()).diag().mean())}
 
-    return train(
+    result = train(
         method,
         method.trainable_parameters("mapping"),
         batch_fn,
@@ -57,6 +92,7 @@ def train_pic2word(out_dir: Path, world: World, steps: int = CFG.steps, stop_aft
         stop_after=stop_after,
         world=world,
     )
+    return method, result
 
 
 def main(argv: list[str]) -> None:

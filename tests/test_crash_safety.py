@@ -9,7 +9,6 @@ runs must end exactly where an uninterrupted run ends.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
 sys.path.insert(0, str(WORKER.parent))
+from _corpora import noise_pngs  # noqa: E402
 from _crash_worker import ENCODER_KEY, STEPS, encode_files, train_regression  # noqa: E402
 
 
@@ -129,23 +128,11 @@ def test_training_killed_at_random_moments_resumes_exactly(tmp_path):
         assert list(csv.DictReader(f1)) == list(csv.DictReader(f2))
 
 
-def _pngs(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-        paths.append(folder / f"img{i:03d}.png")
-        paths[-1].write_bytes(buf.getvalue())
-    return paths
-
-
 def test_encoding_killed_at_random_moments_resumes_without_reencoding(tmp_path):
     from cirlab.features.cache import FeatureCache
 
     rng = random.Random(os.getpid())
-    paths = _pngs(tmp_path / "images", 96)
+    paths = noise_pngs(tmp_path / "images", 96)
     (tmp_path / "paths.json").write_text(json.dumps([str(p) for p in paths]))
     reference = encode_files(paths, tmp_path / "reference").embeds
     cache_dir = tmp_path / "cache"

@@ -6,7 +6,6 @@ Each test launches ``torchrun`` (``python -m torch.distributed.run --standalone`
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cirlab.distributed import World
 from cirlab.features.cache import FeatureCache
@@ -25,6 +23,7 @@ from cirlab.training.data import make_batch_fn
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
+from _corpora import noise_pngs  # noqa: E402
 from _distributed_worker import train_pic2word  # noqa: E402
 
 
@@ -72,23 +71,11 @@ def test_info_nce_without_a_process_group_is_unchanged():
     assert torch.equal(info_nce(q, k, 0.1, symmetric=True), expected)
 
 
-def _pngs(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
-        paths.append(folder / f"img{i:03d}.png")
-        paths[-1].write_bytes(buf.getvalue())
-    return paths
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     """One ``torchrun`` launch of 2 gloo processes: training, stopped-and-resumed training, encoding."""
     root = tmp_path_factory.mktemp("two-processes")
-    paths = _pngs(root / "images", 21)
+    paths = noise_pngs(root / "images", 21)
     (root / "paths.json").write_text(json.dumps([str(p) for p in paths]))
     torchrun(str(WORKER), str(root), str(root / "paths.json"))
     return root

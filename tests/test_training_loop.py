@@ -8,8 +8,9 @@ import csv
 import pytest
 import torch
 
-from cirlab.methods import create_method, load_method
-from cirlab.training.data import FeatureTable, epoch_indices, make_batch_fn
+from _distributed_worker import train_mapping
+from cirlab.methods import load_method
+from cirlab.training.data import FeatureTable, epoch_indices
 from cirlab.training.loop import TrainConfig, lr_factor, train
 
 
@@ -22,29 +23,7 @@ def table(tiny_backbone) -> FeatureTable:
 
 
 def _run(tiny_backbone, table, out_dir, cfg, stop_after=None):
-    torch.manual_seed(cfg.seed)  # method initialisation is seeded by the caller, as `cirlab train` does
-    method = create_method("pic2word", copy.deepcopy(tiny_backbone))
-    method.prepare_stage("mapping")
-    batch_fn = make_batch_fn("images", cfg.batch_size, cfg.seed, cfg.grad_accum, images=table)
-    probe = table.gather(torch.arange(10))
-
-    def evaluate() -> dict[str, float]:
-        q = method.compose(probe, ["is red"] * 10)
-        return {"score": float((q @ torch.nn.functional.normalize(probe.embeds, dim=-1).t()).diag().mean())}
-
-    result = train(
-        method,
-        method.trainable_parameters("mapping"),
-        batch_fn,
-        lambda b: method.training_loss("mapping", b),
-        cfg,
-        out_dir,
-        eval_fn=evaluate,
-        select_metric="score",
-        save_fn=method.save,
-        stop_after=stop_after,
-    )
-    return method, result
+    return train_mapping(copy.deepcopy(tiny_backbone), None, table, cfg, out_dir, 10, stop_after)
 
 
 CFG = TrainConfig(steps=24, batch_size=8, lr=3e-3, eval_every=6, progress=False, log_every=2, seed=3)
