@@ -10,6 +10,7 @@ studies, and rows that differ only in a later stage reuse the earlier stages the
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -191,7 +192,7 @@ def study_main(
     results = run_study(env, list(rows()), list(range(args.seeds)), args.quick, runs, args.force)
     results["seconds"] = time.perf_counter() - t0
     results["torch_threads"] = torch.get_num_threads()
-    results["command"] = " ".join(["python", script, *args_list])
+    results["command"] = " ".join(["python", os.path.relpath(script), *args_list])
     text = study_markdown(results, title, notes(), latency)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results)
