@@ -192,16 +192,30 @@ def serve_cmd(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest accepted upload.")] = 10.0,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads per model call and search (requests run one at a time).")
+    ] = 1,
 ) -> None:
     """Serve a web page and a JSON API for searching an index (OpenAPI docs at /docs).
 
     Example: `cirlab serve runs/photos-index --port 8000`
     """
+    import importlib.util
+
+    import torch
+
     from cirlab._optional import require
     from cirlab.index import load_index
     from cirlab.serve import create_app
 
     uvicorn = require("uvicorn", extra="serve", purpose="cirlab serve")
+    # One query is one small forward pass and one search: extra threads buy little, and on a busy machine their
+    # spin-waiting costs 50x (measured in benchmarks/README.md), so the default is one.
+    torch.set_num_threads(threads)
+    if importlib.util.find_spec("faiss") is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
     index = load_index(index_dir)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}; anyone who can reach it can search and view the gallery", err=True)

@@ -8,7 +8,7 @@ Example::
 
 Exact inner-product search over the memory-mapped embeddings is the default (faiss' exhaustive search when the
 ``[faiss]`` extra is installed, else numpy); an index built with an approximate structure uses it unless
-``exact=True`` is asked for. Composition runs one model call at a time (a lock), so one ``GalleryIndex`` may be
+``exact=True`` is asked for. Model calls and searches run one at a time (a lock), so one ``GalleryIndex`` may be
 shared by the threads of a server.
 """
 
@@ -206,12 +206,14 @@ class GalleryIndex:
             raise ValueError(f"k must be at least 1, got {k}")
         k = min(k, len(self))
         if self._ann is not None and not exact:
-            return ann_search(self._ann, queries, k, [set(e) for e in exclude] if exclude else None)
+            with self._lock:
+                return ann_search(self._ann, queries, k, [set(e) for e in exclude] if exclude else None)
         width = max((len(e) for e in exclude), default=0) if exclude else 0
         ex = np.full((len(queries), width), -1, dtype=np.int64)
         for r, e in enumerate(exclude or []):
             ex[r, : len(e)] = e
-        result = topk_inner_product(queries, self.embeddings, k, exclude=ex if width else None)
+        with self._lock:  # one search at a time: concurrent faiss/BLAS thread pools only fight over the cores
+            result = topk_inner_product(queries, self.embeddings, k, exclude=ex if width else None)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         scores[:, : result.scores.shape[1]], ids[:, : result.indices.shape[1]] = result.scores, result.indices
