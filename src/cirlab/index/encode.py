@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from cirlab.data.images import ImageReadError, load_image
+from cirlab.data.images import load_image
 from cirlab.features.backbone import backbone_cache_key
 from cirlab.features.cache import FeatureCache, encoder_key
 from cirlab.types import ImageFeatures
@@ -109,11 +108,9 @@ class _Prefetcher:
 
 
 def _load_preprocessed(path: Path, transform: Any) -> np.ndarray:
-    """One file as the model's input array (3, S, S); every decoding problem becomes an ``ImageReadError``."""
-    try:
-        return transform.to_array(load_image(path))
-    except Image.DecompressionBombError as err:
-        raise ImageReadError(f"{path}: refused, too many pixels ({err})") from None
+    """One file as the model's input array (3, S, S); ``load_image`` turns every decoding problem (decompression
+    bombs included) into an ``ImageReadError`` naming the file."""
+    return transform.to_array(load_image(path))
 
 
 @torch.no_grad()
