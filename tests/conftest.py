@@ -51,54 +51,9 @@ def quick_shapes_root(tmp_path_factory) -> Path:
     return root
 
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
-
-
 @pytest.fixture(scope="session")
-def tiny_mllm_dir(tmp_path_factory):
-    """A tiny random Qwen2.5-VL (2+2 layers, hidden size 64, 56 px images) with a small BPE tokenizer and the PIL
-    image processor, saved (loads as ``mllm:<dir>``)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def tiny_mllm_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (``cirlab.backbones.mllm.save_tiny_mllm``), saved (loads as ``mllm:<dir>``)."""
+    from cirlab.backbones.mllm import save_tiny_mllm
 
-    from cirlab.backbones.tokenizer import BASIC_CORPUS, train_bpe_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-qwen2.5-vl")
-    tokenizer = train_bpe_tokenizer([BASIC_CORPUS], vocab_size=300, max_length=512)
-    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    start, end, pad = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "fullatt_block_indexes": [1],
-        "window_size": 56,
-    }
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        image_token_id=pad,
-        video_token_id=pad,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56).save_pretrained(path)
-    return path
+    return save_tiny_mllm(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))

@@ -20,7 +20,8 @@ from cirlab.training.run import load_run_config
 CONFIGS = Path(str(resources.files("cirlab") / "configs"))
 PRESETS = sorted((p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml"))
 CORPUS_PRESETS = [(p, m) for p, m in PRESETS if load_run_config(m, p).data.used()]
-# The Qwen2.5-VL preset fuses pairs in a multimodal LLM's space, which no Shapes-world backbone provides.
+# The Qwen2.5-VL preset fuses pairs in a multimodal LLM's space, which no Shapes-world backbone provides: its dry
+# run reads corpora instead (test_dry_run_of_the_mllm_preset).
 SHAPES_PRESETS = [(p, m) for p, m in PRESETS if (p, m) not in CORPUS_PRESETS and p != "qwen25vl-72b"]
 # Fusion-Diff's preset keeps its 1024-wide, 8-block denoiser in the dry run (about a minute on 2 CPU cores).
 SLOW_DRY_RUNS = {("cc3m-vitl14", "fusion-diff")}
@@ -50,6 +51,13 @@ def test_dry_run_config_only_shrinks(tmp_path):
     assert small.backbone == "tiny" and small.data.limit == 5
     assert (small.stage1.steps, small.stage1.batch_size, small.stage1.bf16) == (3, 2, False)
     assert small.stage2.lr == cfg.stage2.lr and small.method == cfg.method and small.data.images == cfg.data.images
+
+
+def test_dry_run_swaps_a_multimodal_llm_for_a_tiny_one(tmp_path):
+    cfg = load_run_config("fusion-diff", "qwen25vl-72b", ["backbone=mllm:Qwen/Qwen2.5-VL-72B-Instruct"])
+    small = dry_run_config(cfg, workdir=tmp_path)
+    assert small.backbone == f"mllm:{tmp_path / 'tiny-mllm'}" and (tmp_path / "tiny-mllm" / "config.json").is_file()
+    assert cfg.backbone == "mllm:Qwen/Qwen2.5-VL-72B-Instruct" and small.method == cfg.method
 
 
 def test_dataset_choice_is_checked(tmp_path):
@@ -144,4 +152,21 @@ def test_dry_run_of_every_shapes_world_preset(preset, method, quick_shapes_root,
     out = tmp_path / "out"
     args = ["train", method, "--preset", preset, "--dry-run", "--quick", "--root", str(quick_shapes_root)]
     assert main([*args, "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+# Known gap: neither CLI data path serves pair embeddings yet (the Shapes path trains on the world's CLIP whatever the
+# config's backbone, and CorpusSource has no pair_embeddings), so this fails at the prior stage until one does.
+@pytest.mark.xfail(strict=True, reason="CorpusSource cannot serve the pair embeddings of fused: pair")
+def test_dry_run_of_the_mllm_preset(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    real = "mllm:Qwen/Qwen2.5-VL-72B-Instruct"
+    args = ["train", "fusion-diff", "--preset", "qwen25vl-72b", "--dry-run", "--out", str(out), "--backbone", real]
+    corpora = [f"cache_dir={tmp_path / 'cache'}", "num_workers=1", f"images={data['shards']}"]
+    corpora += [f"triplets={data['root'] / 'triplets.jsonl'}", "triplets_by_name=true"]
+    assert main([*args, *(a for c in corpora for a in ("--data", c))]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"backbone {real} swapped for mllm:" in printed and "fused: pair" in printed
+    report = json.loads((out / "train_report.json").read_text())
+    assert set(report) == {"prior", "adapter"} and all(stage["steps"] <= 2 for stage in report.values())
     assert (out / "model.safetensors").is_file()

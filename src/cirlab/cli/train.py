@@ -128,8 +128,16 @@ def train_cmd(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--dataset") from None
     if dry_run:
+        full_backbone = run_cfg.backbone
         run_cfg = dry_run_config(run_cfg)
-        typer.echo(f"dry run of {method} (preset {preset}) with this effective config:\n{effective_config(run_cfg)}")
+        # Shapes runs use the world's own small CLIP whatever the config says.
+        swapped = (
+            f"backbone {full_backbone or '(unset)'} swapped for {run_cfg.backbone}"
+            if source_kind == "corpus"
+            else "backbone: the Shapes world's CLIP"
+        )
+        typer.echo(f"dry run of {method} (preset {preset}, {swapped}) with this effective config:")
+        typer.echo(effective_config(run_cfg))
         out = out or Path(tempfile.mkdtemp(prefix=f"cirlab-dry-run-{method}-"))
     if source_kind == "shapes":
         # Under torchrun the first process to get the lock builds the world and its CLIP alone (before the process

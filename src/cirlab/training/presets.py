@@ -2,16 +2,19 @@
 the dry run that checks a preset end to end on a tiny model before anyone rents GPUs.
 
 A dry run keeps everything a preset says (method settings, data pipeline, stage order, validation) and changes
-only what makes it small: the backbone becomes the random-initialised ``tiny`` one, each stage runs a few steps on
-small batches, and each corpus is cut to its first few samples.
+only what makes it small: the backbone becomes a random-initialised tiny one of its family (``tiny``, the small
+CLIP, or for a multimodal LLM ``mllm:<dir>``, a tiny Qwen2.5-VL written to a temporary directory), each stage runs a
+few steps on small batches, and each corpus is cut to its first few samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from cirlab.backbones import parse_spec
 from cirlab.config import to_dict
 from cirlab.training.corpus_source import BENCHMARKS, CorpusSource
 from cirlab.training.loop import TrainConfig
@@ -80,9 +83,25 @@ def resolve_dataset(
     return run_cfg, "corpus"
 
 
-def dry_run_config(run_cfg: Any, dry: DryRun | None = None) -> Any:
+def dry_run_backbone(spec: str, workdir: str | Path | None = None) -> str:
+    """The spec of the tiny random backbone a dry run uses in place of ``spec``.
+
+    A multimodal LLM (``mllm:...``) becomes ``mllm:<dir>``, a tiny Qwen2.5-VL saved under ``workdir`` (default: a
+    new temporary directory), so that what only that family serves (pair embeddings) still runs; any other spec
+    becomes ``tiny``.
+    """
+    if parse_spec(spec)[0] != "mllm":
+        return DRY_RUN_BACKBONE
+    from cirlab.backbones.mllm import save_tiny_mllm
+
+    root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cirlab-dry-run-"))
+    return f"mllm:{save_tiny_mllm(root / 'tiny-mllm')}"
+
+
+def dry_run_config(run_cfg: Any, dry: DryRun | None = None, workdir: str | Path | None = None) -> Any:
     """The run config made small (see the module docstring): stage steps, batches and corpus sizes capped, no
-    intermediate validation or checkpoints, no bf16 (CPU), the ``tiny`` backbone."""
+    intermediate validation or checkpoints, no bf16 (CPU), a tiny backbone of the same family (``dry_run_backbone``;
+    ``workdir`` is where a tiny multimodal LLM is saved)."""
     dry = dry or DryRun()
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(run_cfg):
@@ -101,7 +120,7 @@ def dry_run_config(run_cfg: Any, dry: DryRun | None = None) -> Any:
     data = run_cfg.data
     limit = min(data.limit, dry.limit) if data.limit else dry.limit
     changes["data"] = dataclasses.replace(data, limit=limit, encode_batch_size=min(data.encode_batch_size, 64))
-    changes["backbone"] = DRY_RUN_BACKBONE
+    changes["backbone"] = dry_run_backbone(run_cfg.backbone, workdir)
     return dataclasses.replace(run_cfg, **changes)
 
 
