@@ -31,7 +31,7 @@ from cirlab.data.benchmark import CIRSplit, load_splits
 from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
-from cirlab.features.backbone import backbone_cache_key
+from cirlab.features.backbone import backbone_cache_key, cached_pair_table
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import CorpusFeatures, encode_corpus, entry_pixels, gather_index
 from cirlab.features.table import FeatureTable
@@ -150,7 +150,13 @@ class CorpusSource(SplitSource):
         encode = None if method.image_encoder_frozen else method.encode_images
         pseudo = getattr(method.config, "pseudo_targets", None)
         return self.stage_data(
-            kind, method.backbone, method.needs_image_tokens, synthetic, encode=encode, pseudo=pseudo
+            kind,
+            method.backbone,
+            method.needs_image_tokens,
+            synthetic,
+            encode=encode,
+            pseudo=pseudo,
+            pair_embeddings=method.pair_embeddings(stage),
         )
 
     def stage_data(
@@ -161,9 +167,14 @@ class CorpusSource(SplitSource):
         synthetic: SyntheticOptions | None = None,
         encode: Encoder | None = None,
         pseudo: PseudoTargetOptions | None = None,
+        pair_embeddings: bool = False,
     ) -> StageData:
         """Inputs of one stage of kind ``images``, ``pairs``, ``captions``, ``triplets``, ``synthetic_triplets`` or
         ``pseudo_triplets`` (arguments as in ``ShapesSource.stage_data``)."""
+        if kind == "pairs" and pair_embeddings:
+            if encode is not None:
+                raise ValueError("pair embeddings come from a frozen backbone; this stage trains the image encoder")
+            return self._pairs(backbone)
         if kind in ("images", "pairs"):
             return self._images(kind, backbone, with_tokens, encode)
         if kind == "captions":
@@ -239,6 +250,32 @@ class CorpusSource(SplitSource):
                 table = PixelTable([table.names[i] for i in keep], _rows_of(table.pixels, keep), table.encode)
             captions = [captions[i] for i in keep]
             info["images"] = len(keep)
+        return StageData(images=table, captions=captions, info=info)
+
+    def _pairs(self, backbone: Any) -> StageData:
+        """Every (image, caption) pair of the corpus with the backbone's joint embedding ``z(I, T)``, through the
+        feature cache (``cached_pair_table``). The pair encoder reads image files, so shard corpora are refused."""
+        entries, skipped = gather_index(
+            self.image_corpus(), self.options.num_workers, self.rank, self.world_size, self.cache.root / "corpus-index"
+        )
+        entries = [e for e in entries if e.captions]
+        if not entries:
+            raise ValueError(f"{self.image_corpus().describe()}: a pairs stage needs captions, and no image has one")
+        inside = next((e for e in entries if e.offset >= 0 or e.data is not None), None)
+        if inside is not None:
+            raise ValueError(
+                f"{self.image_corpus().describe()}: pair embeddings are computed from image files, but {inside.name} "
+                "lives inside a shard; extract the shards to an image folder for a fused: pair run"
+            )
+        table, captions = cached_pair_table(
+            backbone, [Path(e.path) for e in entries], [e.captions for e in entries], self.cache
+        )
+        info = {
+            "images": len(entries),
+            "pairs": len(table),
+            "skipped": sum(skipped.values()),
+            "skipped_by_reason": skipped,
+        }
         return StageData(images=table, captions=captions, info=info)
 
     def _captions(self) -> StageData:
