@@ -33,7 +33,7 @@ from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
 from cirlab.features.backbone import backbone_cache_key, cached_pair_table
 from cirlab.features.cache import FeatureCache
-from cirlab.features.corpus import CorpusFeatures, encode_corpus, entry_pixels, gather_index
+from cirlab.features.corpus import CorpusFeatures, IndexEntry, encode_corpus, entry_pixels, gather_index
 from cirlab.features.table import FeatureTable
 from cirlab.training.data import PixelTable, Triplet
 from cirlab.training.sources import Encoder, SplitSource, StageData, SyntheticOptions, file_pixels
@@ -144,21 +144,6 @@ class CorpusSource(SplitSource):
         return self._splits[name]
 
     # -- training data -----------------------------------------------------------------------------------------------
-    def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
-        """Inputs of ``method``'s ``stage`` (call after ``method.prepare_stage(stage)``)."""
-        kind = method.stage(stage).data
-        encode = None if method.image_encoder_frozen else method.encode_images
-        pseudo = getattr(method.config, "pseudo_targets", None)
-        return self.stage_data(
-            kind,
-            method.backbone,
-            method.needs_image_tokens,
-            synthetic,
-            encode=encode,
-            pseudo=pseudo,
-            pair_embeddings=method.pair_embeddings(stage),
-        )
-
     def stage_data(
         self,
         kind: str,
@@ -207,6 +192,12 @@ class CorpusSource(SplitSource):
             logger.info("image corpus: %s", self._image_corpus.describe())
         return self._image_corpus
 
+    def _index(self) -> tuple[list[IndexEntry], dict[str, int]]:
+        """The whole image corpus's index entries (captions, where each image lives) and skip counts; no encoding."""
+        return gather_index(
+            self.image_corpus(), self.options.num_workers, self.rank, self.world_size, self.cache.root / "corpus-index"
+        )
+
     def encoded_corpus(self, backbone: Any, with_tokens: bool) -> CorpusFeatures:
         """The image corpus through the feature cache (once per backbone and token need)."""
         key = (backbone.identity(), with_tokens)
@@ -228,9 +219,7 @@ class CorpusSource(SplitSource):
         if encode is None:
             encoded = self.encoded_corpus(backbone, with_tokens)
             return encoded.table, encoded.captions, encoded.skipped
-        entries, skipped = gather_index(
-            self.image_corpus(), self.options.num_workers, self.rank, self.world_size, self.cache.root / "corpus-index"
-        )
+        entries, skipped = self._index()
         pixels = entry_pixels(backbone, entries, self.options.num_workers)
         return PixelTable([e.name for e in entries], pixels, encode), [e.captions for e in entries], skipped
 
@@ -255,9 +244,7 @@ class CorpusSource(SplitSource):
     def _pairs(self, backbone: Any) -> StageData:
         """Every (image, caption) pair of the corpus with the backbone's joint embedding ``z(I, T)``, through the
         feature cache (``cached_pair_table``). The pair encoder reads image files, so shard corpora are refused."""
-        entries, skipped = gather_index(
-            self.image_corpus(), self.options.num_workers, self.rank, self.world_size, self.cache.root / "corpus-index"
-        )
+        entries, skipped = self._index()
         entries = [e for e in entries if e.captions]
         if not entries:
             raise ValueError(f"{self.image_corpus().describe()}: a pairs stage needs captions, and no image has one")
@@ -284,13 +271,7 @@ class CorpusSource(SplitSource):
             skipped = corpus.skips.as_dict()
             captions: list[Any] = corpus.captions
         else:
-            entries, skipped = gather_index(
-                self.image_corpus(),
-                self.options.num_workers,
-                self.rank,
-                self.world_size,
-                self.cache.root / "corpus-index",
-            )
+            entries, skipped = self._index()
             # Each image's captions stay together: the batch draws one phrasing per image.
             captions = [e.captions for e in entries if e.captions]
             if not captions:

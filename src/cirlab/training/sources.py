@@ -59,10 +59,11 @@ class SyntheticOptions:
 
 
 class SplitSource(ABC):
-    """Evaluation splits and their features, the part every training data source shares.
+    """Evaluation splits, their features and a method's stage data: the part every training data source shares.
 
-    A subclass loads its splits in ``split`` and sets ``cache`` (the feature cache) and ``_features`` (an empty
-    dict) in its constructor; features are then computed once per (split, backbone, token need).
+    A subclass loads its splits in ``split``, serves each data kind in ``stage_data`` and sets ``cache`` (the
+    feature cache) and ``_features`` (an empty dict) in its constructor; features are then computed once per (split,
+    backbone, token need).
     """
 
     cache: FeatureCache
@@ -71,6 +72,35 @@ class SplitSource(ABC):
     @abstractmethod
     def split(self, name: str) -> CIRSplit:
         """The evaluation split called ``name`` (each source names its own)."""
+
+    def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
+        """Inputs of ``method``'s ``stage`` (call after ``method.prepare_stage(stage)``): cached features while its
+        image encoder is frozen, else pixels encoded by its own ``encode_images`` at every access."""
+        kind = method.stage(stage).data
+        encode = None if method.image_encoder_frozen else method.encode_images
+        pseudo = getattr(method.config, "pseudo_targets", None)
+        return self.stage_data(
+            kind,
+            method.backbone,
+            method.needs_image_tokens,
+            synthetic,
+            encode=encode,
+            pseudo=pseudo,
+            pair_embeddings=method.pair_embeddings(stage),
+        )
+
+    @abstractmethod
+    def stage_data(
+        self,
+        kind: str,
+        backbone: Any,
+        with_tokens: bool = False,
+        synthetic: SyntheticOptions | None = None,
+        encode: Encoder | None = None,
+        pseudo: PseudoTargetOptions | None = None,
+        pair_embeddings: bool = False,
+    ) -> StageData:
+        """Inputs of one stage of a data kind (see ``ShapesSource.stage_data`` for the arguments)."""
 
     def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
         """Backbone features of every image of a split (cached on disk and in memory)."""
@@ -155,22 +185,6 @@ class ShapesSource(SplitSource):
         corpus = self.corpus()
         rng = random.Random(f"corpus-captions/{seed}")
         return [[corpus.caption(i, rng) for _ in range(self.captions_per_image)] for i in range(len(corpus))]
-
-    def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
-        """Inputs of ``method``'s ``stage`` (call after ``method.prepare_stage(stage)``): cached features while its
-        image encoder is frozen, else pixels encoded by its own ``encode_images`` at every access."""
-        kind = method.stage(stage).data
-        encode = None if method.image_encoder_frozen else method.encode_images
-        pseudo = getattr(method.config, "pseudo_targets", None)
-        return self.stage_data(
-            kind,
-            method.backbone,
-            method.needs_image_tokens,
-            synthetic,
-            encode=encode,
-            pseudo=pseudo,
-            pair_embeddings=method.pair_embeddings(stage),
-        )
 
     def stage_data(
         self,
