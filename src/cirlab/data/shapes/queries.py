@@ -277,6 +277,10 @@ def choose_distractors(
     return chosen
 
 
+# (targets, distractors, every scene satisfying the edit) of one sampled edit, or None to draw again.
+_Outcome = tuple[tuple[Scene, ...], list[Scene], frozenset[Scene]]
+
+
 def sample_cirr_query(
     rng: random.Random,
     cfg: SceneConfig,
@@ -298,29 +302,16 @@ def sample_cirr_query(
         heldout_template: verbalise with a held-out template.
         n_distractors: hard negatives (4 makes a 6-image set with the reference and the target).
     """
-    for _ in range(_MAX_ATTEMPTS):
-        focus = rng.choice(focus_pool) if focus_pool else None
-        pair = _sample_edit(rng, cfg, kind, focus)
-        if pair is None:
-            continue
-        reference, edit = pair
+
+    def targets_and_distractors(reference: Scene, edit: Edit, focus: Combo | None) -> _Outcome | None:
         target = edit.apply(reference)
         if not _policy_ok(cfg, reference, [target], focus):
-            continue
+            return None
         combo_ok = combo_filter(cfg.heldout, target.combos())
         distractors = choose_distractors(rng, cfg, reference, edit, target, n_distractors, combo_ok)
-        template = choose_template(rng, kind, heldout_templates, heldout_template)
-        return Query(
-            reference=reference,
-            edit=edit,
-            verbalised=verbalise(edit, reference, template, rng),
-            targets=(target,),
-            distractors=tuple(distractors),
-            all_targets=frozenset({target}),
-            heldout_template=heldout_template,
-            heldout_combo=focus is not None,
-        )
-    raise RuntimeError(f"could not sample a {kind} query (focus pool {focus_pool}) in {_MAX_ATTEMPTS} attempts")
+        return (target,), distractors, frozenset({target})
+
+    return _sample_query(rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors)
 
 
 def sample_circo_query(
@@ -352,29 +343,54 @@ def sample_circo_query(
         n_distractors: near misses to render.
         forbidden: scenes this query must not render.
     """
-    for _ in range(_MAX_ATTEMPTS):
-        focus = rng.choice(focus_pool) if focus_pool else None
-        pair = _sample_edit(rng, cfg, kind, focus)
-        if pair is None:
-            continue
-        reference, edit = pair
+
+    def targets_and_distractors(reference: Scene, edit: Edit, focus: Combo | None) -> _Outcome | None:
         all_targets = edit.targets(reference, cfg.shapes, cfg.colours)
         ok = combo_filter(cfg.heldout, [focus] if focus is not None else [])
         pool = sorted((t for t in all_targets if t not in forbidden and scene_ok(t, ok)), key=Scene.to_str)
         if not pool or reference in forbidden or not _policy_ok(cfg, reference, pool, focus):
-            continue
+            return None
         rng.shuffle(pool)
         if focus is not None:
             pool.sort(key=lambda s, f=focus: f not in s.combos())  # stable: focus-showing targets first
         k = rng.randint(min(2, len(pool)), min(max_gts, len(pool)))
         targets = pool[:k]
         distractors = _circo_distractors(rng, cfg, reference, edit, targets, n_distractors, ok, forbidden)
+        return tuple(targets), distractors, all_targets
+
+    return _sample_query(rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors)
+
+
+def _sample_query(
+    rng: random.Random,
+    cfg: SceneConfig,
+    heldout_templates: Collection[str],
+    kind: str,
+    focus_pool: Sequence[Combo],
+    heldout_template: bool,
+    targets_and_distractors: Callable[[Scene, Edit, Combo | None], _Outcome | None],
+) -> Query:
+    """Draws (focus, reference, edit) until ``targets_and_distractors`` accepts one, then verbalises the edit.
+
+    The two benchmark formats share this loop and differ only in how targets and distractors are chosen; the order of
+    random draws (edit, targets, distractors, template, phrasing) is the same for both.
+    """
+    for _ in range(_MAX_ATTEMPTS):
+        focus = rng.choice(focus_pool) if focus_pool else None
+        pair = _sample_edit(rng, cfg, kind, focus)
+        if pair is None:
+            continue
+        reference, edit = pair
+        outcome = targets_and_distractors(reference, edit, focus)
+        if outcome is None:
+            continue
+        targets, distractors, all_targets = outcome
         template = choose_template(rng, kind, heldout_templates, heldout_template)
         return Query(
             reference=reference,
             edit=edit,
             verbalised=verbalise(edit, reference, template, rng),
-            targets=tuple(targets),
+            targets=targets,
             distractors=tuple(distractors),
             all_targets=all_targets,
             heldout_template=heldout_template,
