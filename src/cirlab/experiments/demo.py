@@ -42,15 +42,18 @@ def _digest(obj: Any) -> str:
 
 
 def _stage_keys(cls: Any, run_cfg: Any, identity: list[Any]) -> dict[str, str]:
-    """Per stage, a digest of everything its trained weights depend on: the method config, the seed, the backbone
-    and world, the loop configs of this and every earlier stage, and the synthetic-triplet options once a stage up to
-    it reads synthetic triplets. Two runs whose keys agree for a stage trained identical weights up to that stage.
+    """Per stage, a digest of everything its trained weights may depend on: the whole run config (and the backbone
+    and world) except the loop configs of later stages and, until a stage up to this one reads synthetic triplets,
+    the synthetic-triplet options. Two runs whose keys agree for a stage trained identical weights up to that stage;
+    a run-config field this does not know about is part of every key, so it can only prevent reuse, never fake it.
     """
-    keys, parts, synthetic = {}, [to_dict(run_cfg.method), run_cfg.seed, *identity], False
-    for stage in cls.stages:
-        parts.append(to_dict(getattr(run_cfg, stage.name)))
+    whole = to_dict(run_cfg)
+    keys, synthetic = {}, False
+    names = [stage.name for stage in cls.stages]
+    for i, stage in enumerate(cls.stages):
         synthetic = synthetic or stage.data == "synthetic_triplets"
-        keys[stage.name] = _digest([*parts, to_dict(run_cfg.synthetic) if synthetic else None])
+        later = set(names[i + 1 :]) | (set() if synthetic else {"synthetic"})
+        keys[stage.name] = _digest([{k: v for k, v in whole.items() if k not in later}, *identity])
     return keys
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,14 +69,12 @@ def evaluate_row(row: Row, env: ShapesEnv, seed: int, quick: bool, runs: Path, f
         ``{"metrics": evaluate_on_tests(...), "train": the run's per-stage training report}``.
     """
     method, report = train_or_load(row.method, env, seed, quick, runs, force, row.overrides)
-    trained = getattr(method, "config", None)
-    if row.evaluation:
-        method.config = apply_overrides(trained, list(row.evaluation))
+    trained = method.config
+    method.config = apply_overrides(trained, list(row.evaluation))
     try:
         metrics = evaluate_on_tests(method, env)
     finally:
-        if row.evaluation:
-            method.config = trained
+        method.config = trained
     return {"metrics": metrics, "train": report}
 
 
@@ -171,8 +170,6 @@ def study_main(
         notes: extra lines printed under the table.
         latency: add the ms-per-query column.
     """
-    import sys
-
     args_list = list(sys.argv[1:] if argv is None else argv)
     name = Path(script).stem.removeprefix("results_").replace("_", "-")
     parser = argparse.ArgumentParser(description=title)
