@@ -160,6 +160,7 @@ def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str,
     import torch.distributed as dist
 
     import cirlab
+    from cirlab.distributed import shutdown
     from cirlab.features.cache import FeatureCache
     from cirlab.features.corpus import index_corpus
     from cirlab.methods import create_method
@@ -191,5 +192,7 @@ def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str,
             "report": report,
         }
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown(wait_for_peers=False)
+        raise
+    shutdown()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import cirlab
-from cirlab.distributed import World, init_from_env, shutdown
+from cirlab.distributed import World, process_group
 from cirlab.features.backbone import cached_image_features
 from cirlab.features.cache import FeatureCache
 from cirlab.methods import create_method
@@ -98,8 +98,7 @@ def train_mapping(
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     out = Path(argv[0])
-    world = init_from_env()
-    try:
+    with process_group() as world:
         train_pic2word(out / "full", world)
         train_pic2word(out / "resumed", world, stop_after=3)
         train_pic2word(out / "resumed", world)
@@ -108,8 +107,6 @@ def main(argv: list[str]) -> None:
         cache = FeatureCache(out / "cache")
         table = cached_image_features(backbone, [p.name for p in paths], paths, cache, batch_size=4, world=world)
         np.save(out / f"rank{world.rank}.npy", table.embeds.numpy())
-    finally:
-        shutdown()
 
 
 if __name__ == "__main__":

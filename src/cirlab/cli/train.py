@@ -111,7 +111,7 @@ def train_cmd(
 
     import torch
 
-    from cirlab.distributed import init_from_env, shutdown
+    from cirlab.distributed import process_group
     from cirlab.experiments.shapes_env import prepare_shapes
     from cirlab.io import file_lock
     from cirlab.methods import METHODS, create_method
@@ -144,14 +144,13 @@ def train_cmd(
         # group exists, so that pretraining is single-process); the others then find them built.
         with file_lock(root / ".prepare.lock"):
             env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-        model_backbone, source, val_split = env.backbone, env.source, "cirr/val"
-        world = init_from_env()
-    else:
-        world = init_from_env()
-        model_backbone, source, val_split = corpus_inputs(run_cfg)
-        if world.is_main:
-            typer.echo(f"training data: {source.describe()}")
-    try:
+    with process_group() as world:
+        if source_kind == "shapes":
+            model_backbone, source, val_split = env.backbone, env.source, "cirr/val"
+        else:
+            model_backbone, source, val_split = corpus_inputs(run_cfg)
+            if world.is_main:
+                typer.echo(f"training data: {source.describe()}")
         torch.manual_seed(seed)
         model = create_method(method, model_backbone, run_cfg.method)
         out = out or Path("runs/train") / method
@@ -166,8 +165,6 @@ def train_cmd(
         if world.is_main:
             typer.echo(json.dumps(report, indent=2))
             typer.echo(f"checkpoint: {out}" + (f" (trained by {world.size} processes)" if world.distributed else ""))
-    finally:
-        shutdown()
 
 
 def eval_cmd(
