@@ -4,9 +4,13 @@ Retrieval", CVPR 2024).
 Known (public code): ``phi`` is trained from text alone: keywords of a caption ``c`` are replaced by ``$`` and
 ``s = phi(t(c) + noise)``; the loss makes ``t(c with keywords := s)`` reproduce ``t(c)``; the noise bridges the gap
 between text and image embeddings, so at inference ``phi`` reads the image embedding ``v_ref``.
-Inferred here (METHODS.md): keywords come from a configurable word list (LinCIR uses a noun-phrase parser);
-noise ``sigma * eps`` with ``eps ~ N(0, I)`` and ``sigma ~ U[0, noise_max)`` per sample on the normalised text
-embedding; MSE between normalised embeddings; captions without a keyword get their last word replaced.
+The public loader replaces each maximal run of determiner/adjective/noun tokens (a whole phrase such as "a large
+red circle") by a single ``$``; ``mask: phrases`` (the default) does that, ``mask: words`` replaces each keyword
+alone (so one object becomes "a $ $ $", a context the one-``$`` query prompt never shows).
+Inferred here (METHODS.md): keywords come from a configurable word list instead of a part-of-speech tagger, and a
+phrase is a run of keywords with the article before it; noise ``sigma * eps`` with ``eps ~ N(0, I)`` and
+``sigma ~ U[0, noise_max)`` per sample on the normalised text embedding; MSE between normalised embeddings;
+captions without a keyword get their last word replaced.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from cirlab.types import ImageFeatures
 class LinCIRConfig:
     """Attributes:
     keywords: words replaced by the placeholder in training captions (empty: the last word of each caption).
+    mask: "phrases" (each run of keywords, with the article before it, becomes one placeholder, as LinCIR's
+        loader does with its parser's phrases) or "words" (each keyword becomes a placeholder).
     noise_max: upper bound of the per-sample noise scale. dropout: phi dropout. prompt: query prompt.
     """
 
     keywords: list[str] = field(default_factory=list)
+    mask: str = "phrases"
     noise_max: float = 1.0
     dropout: float = 0.1
     prompt: str = DEFAULT_PROMPT
@@ -48,11 +55,19 @@ class LinCIR(CIRMethod):
     def __init__(self, backbone: Any, config: LinCIRConfig | None = None) -> None:
         super().__init__(backbone, config)
         self.phi = SearlePhi(backbone.embed_dim, backbone.token_dim, dropout=self.config.dropout)
+        if self.config.mask not in ("phrases", "words"):
+            raise ValueError(f"lincir: mask must be 'phrases' or 'words', got {self.config.mask!r}")
         words = sorted(self.config.keywords, key=len, reverse=True)
-        self._keyword_re = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b") if words else None
+        self._keyword_re = None
+        if words:
+            keyword = "(?:" + "|".join(map(re.escape, words)) + ")"
+            if self.config.mask == "phrases":
+                keyword = rf"(?:(?:a|an|the)\s+)?{keyword}(?:\s+{keyword})*"
+            self._keyword_re = re.compile(rf"\b{keyword}\b")
 
     def mask_keywords(self, caption: str) -> str:
-        """The caption with every keyword replaced by the placeholder (or its last word, if it has none)."""
+        """The caption with every keyword (or keyword phrase, see ``mask``) replaced by the placeholder, or its last
+        word if it has none."""
         if self._keyword_re is not None:
             masked = self._keyword_re.sub(PLACEHOLDER, caption.lower())
             if PLACEHOLDER in masked:
