@@ -1,4 +1,4 @@
-"""Why LinCIR reads no better than ``sum`` on the Shapes world: the modality gap and the noise that should bridge it.
+"""LinCIR on the Shapes world: the modality gap, and the noise that should bridge it.
 
 LinCIR's mapper ``phi`` is trained on noised *text* embeddings and reads *image* embeddings at test time. This
 script measures the gap in the Shapes CLIP's space on the corpus (matched image-caption cosine, the distance
@@ -6,7 +6,9 @@ between the image and text means, the per-dimension spread of each), then trains
 (``method.noise_max``) and reports each run's **validation** score (CIRR-format ``val`` Avg, the metric the
 training loop selects checkpoints on). The scale is chosen on validation only; test numbers are not printed here.
 
-    python benchmarks/study_lincir_noise.py [--quick] [--noise 0 0.05 0.1 0.25 0.5 1.0]
+    python benchmarks/study_lincir_noise.py [--quick] [--seed N] [--mask phrases|words] [--noise 0 0.1 0.25 1.0]
+
+docs/RESULTS.md has its tables, before and after LinCIR's phrase masking (``method.mask``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small world and a quarter of the steps")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mask", choices=["phrases", "words"], default="phrases", help="LinCIR's method.mask")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "demo" / "methods")
     args = parser.parse_args(argv)
@@ -58,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| noise_max | val Avg | val R@1 | val R@5 | train s |\n|---|---|---|---|---|")
     for noise in args.noise:
         t0 = time.perf_counter()
-        _, report = train_or_load(
-            "lincir", env, args.seed, args.quick, args.runs, False, (f"method.noise_max={noise}",)
-        )
+        overrides = (f"method.noise_max={noise}", f"method.mask={args.mask}")
+        _, report = train_or_load("lincir", env, args.seed, args.quick, args.runs, False, overrides)
         val = report["mapping"]["val"]
         print(
             f"| {noise:g} | {val['avg']:.1f} | {val['recall_at_1']:.1f} | {val['recall_at_5']:.1f} | "
