@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cirlab.experiments.demo import train_or_load
+from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import DEFAULT_ROOT, prepare_shapes
 from cirlab.modules.pseudo_word import text_embeds
 

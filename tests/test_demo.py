@@ -22,6 +22,9 @@ def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, c
             assert {"all", "seen", "heldout"} <= set(summary[split]), f"{name} lacks seen/held-out parts on {split}"
         assert 0.0 <= summary["cirr/test1"]["all"]["recall_at_50"]["mean"] <= 100.0
     assert results["clip"]["i2t_r1"] > 5.0, "the Shapes CLIP learned nothing"
+    showcase = results["showcase"]["queries"]
+    assert showcase and all(set(q["top5"]) == set(METHODS.list()) for q in showcase)
+    assert all(len(ranked) == 5 == len(set(ranked)) for q in showcase for ranked in q["top5"].values())
     with Image.open(out / "chart.png") as chart:
         assert chart.size[0] > 300
     report = (out / "report.html").read_text()

@@ -4,7 +4,7 @@ each trained (or reused) for several seeds and evaluated on the test splits, in 
 The per-method results scripts in ``benchmarks/`` only declare their rows; this module runs them. Runs are kept
 content-addressed under one folder (``runs``), so a study reuses the runs of ``cirlab demo --seeds 3`` and of other
 studies, and rows that differ only in a later stage reuse the earlier stages they share
-(``cirlab.experiments.demo.train_or_load``).
+(``cirlab.experiments.runs.train_or_load``). ``cirlab demo`` is the study of one plain row per method.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides
-from cirlab.experiments.demo import aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.report import markdown_table
+from cirlab.experiments.runs import aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.shapes_env import DEFAULT_ROOT, ShapesEnv, prepare_shapes
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS
@@ -62,8 +62,17 @@ def comparison_rows(names: Sequence[str]) -> list[Row]:
     return [Row(n, n, method_kind(n)) for n in names if n in METHODS]
 
 
-def evaluate_row(row: Row, env: ShapesEnv, seed: int, quick: bool, runs: Path, force: bool) -> dict[str, Any]:
+OnRun = Callable[[Row, int, Any], None]
+
+
+def evaluate_row(
+    row: Row, env: ShapesEnv, seed: int, quick: bool, runs: Path, force: bool, on_run: OnRun | None = None
+) -> dict[str, Any]:
     """Trains (or reuses) the row's run for ``seed`` and evaluates it on the test splits.
+
+    Args:
+        on_run: called as ``on_run(row, seed, method)`` after the evaluation, while the evaluation overrides are
+            still applied (the demo collects example rankings there).
 
     Returns:
         ``{"metrics": evaluate_on_tests(...), "train": the run's per-stage training report}``.
@@ -73,6 +82,8 @@ def evaluate_row(row: Row, env: ShapesEnv, seed: int, quick: bool, runs: Path, f
     method.config = apply_overrides(trained, list(row.evaluation))
     try:
         metrics = evaluate_on_tests(method, env)
+        if on_run is not None:
+            on_run(row, seed, method)
     finally:
         method.config = trained
     return {"metrics": metrics, "train": report}
@@ -90,10 +101,12 @@ def run_study(
     runs: Path,
     force: bool = False,
     log: Callable[[str], None] = print,
+    on_run: OnRun | None = None,
 ) -> dict[str, Any]:
     """Every row for every seed; results in the demo's format (so ``markdown_table`` renders them).
 
-    Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared.
+    Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared (``on_run``, see
+    :func:`evaluate_row`, is then called for the first of them only).
     """
     results = new_results(env, seeds, quick)
     done: dict[tuple[str, tuple[str, ...], tuple[str, ...], int], dict[str, Any]] = {}
@@ -104,7 +117,7 @@ def run_study(
             t0 = time.perf_counter()
             if key not in done:
                 log(f"[{row.label}] seed {seed}")
-                done[key] = evaluate_row(row, env, seed, quick, runs, force)
+                done[key] = evaluate_row(row, env, seed, quick, runs, force, on_run)
             per_seed.append(done[key])
             seconds.append(round(time.perf_counter() - t0, 1))
         metrics = [r["metrics"] for r in per_seed]
