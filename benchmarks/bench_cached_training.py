@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cirlab.backbones.tiny import SmallCLIPConfig, build_small_clip
+from cirlab.backbones.tiny import PUBLIC_SHAPES, build_small_clip
 from cirlab.data.images import load_image
 from cirlab.methods import create_method
 from cirlab.training.clip_pretrain import shapes_clip_model
@@ -54,22 +54,7 @@ def epoch_seconds(method, table, batch_size: int) -> float:
         return time.perf_counter() - t0
 
 
-TOWERS = {
-    "shapes": shapes_clip_model,
-    "vit-l14": lambda: SmallCLIPConfig(
-        image_size=224,
-        patch_size=14,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        text_width=768,
-        text_layers=12,
-        text_heads=12,
-        embed_dim=768,
-        context_length=77,
-        vocab_size=1000,
-    ),
-}
+TOWERS = {"shapes": shapes_clip_model, "vit-l14": lambda: PUBLIC_SHAPES["vit-l14"]}
 
 
 def main() -> int:

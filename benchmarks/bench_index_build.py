@@ -18,9 +18,13 @@ encoding step's throughput >= 0.8 x the bare forward, by best wall time (data lo
 
 Usage:
     python benchmarks/bench_index_build.py [--images DIR] [--backbone SPEC] [--limit 2000 --batch-size 64]
+    python benchmarks/bench_index_build.py --tower vit-b32 --limit 256 --batch-size 32 --repeats 2
 
 Defaults: the Shapes world's CLIP (``runs/shapes/clip-*/best``, built by ``cirlab demo --quick``) and that
-world's CIRR images (``runs/shapes/world-*/cirr/img_raw``).
+world's CIRR images (``runs/shapes/world-*/cirr/img_raw``). ``--tower vit-b32`` (or ``vit-l14``) instead saves a
+random-weight CLIP of that public checkpoint's shape to a temporary directory and loads it as ``hf-clip:<dir>``,
+and, without ``--images``, writes ``--limit`` photo-sized JPEGs (500x375, smooth colour fields with noise) to
+encode: the workload of a user's photo folder, where decoding and resizing a JPEG costs far less than the forward.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from cirlab.backbones.tiny import PUBLIC_SHAPES, build_small_clip
+from cirlab.backbones.tokenizer import BASIC_CORPUS
 from cirlab.cli.search import default_backbone
 from cirlab.data.images import load_image
 from cirlab.features.cache import FeatureCache
@@ -49,6 +56,17 @@ def shapes_images(root: Path = Path("runs/shapes")) -> Path:
     if not worlds:
         sys.exit(f"no Shapes world under {root}/: run `cirlab demo --quick` first, or pass --images DIR")
     return worlds[-1]
+
+
+def write_photos(folder: Path, n: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """``n`` photo-sized JPEGs: smooth random colour fields (bicubic-upsampled 8x6 grids) with pixel noise."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"photo-{i:05d}.jpg", quality=90)
+    return folder
 
 
 def timed(fn) -> tuple[float, float]:
@@ -79,13 +97,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="decoding threads of the build (0: one per core)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--tower", choices=sorted(PUBLIC_SHAPES), default=None, help="a random CLIP of this shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    source = args.images or shapes_images()
-    spec = args.backbone or default_backbone()
     with tempfile.TemporaryDirectory(prefix="cirlab-bench-build-") as tmp:
+        if args.tower:
+            spec = f"hf-clip:{Path(tmp) / args.tower}"
+            clip = build_small_clip(PUBLIC_SHAPES[args.tower], BASIC_CORPUS.split(" . "))
+            clip.save_pretrained(Path(tmp) / args.tower)
+            source = args.images or write_photos(Path(tmp) / "photos", args.limit)
+        else:
+            spec = args.backbone or default_backbone()
+            source = args.images or shapes_images()
         folder = Path(tmp) / "images"
         for rel in find_images(source)[: args.limit]:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)

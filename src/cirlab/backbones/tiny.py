@@ -41,6 +41,38 @@ class SmallCLIPConfig:
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
 
 
+#: The architectures of public CLIP checkpoints, for benchmarks where only the model's size matters (speed does not
+#: depend on the weights, which ``build_small_clip`` initialises at random). The tokenizer's vocabulary is small.
+PUBLIC_SHAPES: dict[str, SmallCLIPConfig] = {
+    "vit-b32": SmallCLIPConfig(  # openai/clip-vit-base-patch32
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        embed_dim=512,
+        context_length=77,
+        vocab_size=1000,
+    ),
+    "vit-l14": SmallCLIPConfig(  # openai/clip-vit-large-patch14
+        image_size=224,
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+        embed_dim=768,
+        context_length=77,
+        vocab_size=1000,
+    ),
+}
+
+
 def build_small_clip(cfg: SmallCLIPConfig, corpus: Iterable[str], seed: int = 0, name: str = "tiny") -> HFCLIPBackbone:
     """Builds a random-initialised CLIP and trains its byte-level BPE tokenizer on ``corpus``.
 
