@@ -1,7 +1,7 @@
 """Small corpora in the public formats, written by the tests themselves (no download): random-noise PNGs, an image
 folder with sidecar captions, webdataset tar shards, a caption file, a triplet JSONL, and tiny CIRR / FashionIQ
-benchmarks. Also the body of one process of the two-process test (``torch.multiprocessing.spawn`` imports it from
-here).
+benchmarks; the training-data settings each method reads them with. Also the bodies of the processes of the
+two-process tests (``torch.multiprocessing.spawn`` imports them from here).
 """
 
 from __future__ import annotations
@@ -151,6 +151,96 @@ def write_fashioniq(root: Path, n: int = 8) -> tuple[Path, Path]:
             (ann / "captions" / f"cap.{category}.{split}.json").write_text(json.dumps(entries))
             (ann / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(asins))
     return ann, images
+
+
+def write_corpora(root: Path) -> dict[str, str]:
+    """Every corpus kind under ``root``: an image folder, webdataset shards, a caption file, triplet JSONLs naming
+    folder images and shard keys, and a tiny CIRR; returns their paths by role."""
+    names = write_image_folder(root / "imgs", n=12)
+    pattern, keys = write_shards(root / "wds", 3, 4)
+    write_captions(root / "captions.txt", 16)
+    write_triplets(root / "imgs" / "triplets.jsonl", names)
+    write_triplets(root / "wds-triplets.jsonl", keys)
+    ann, images = write_cirr(root, 12)
+    return {
+        "root": str(root),
+        "folder": str(root / "imgs"),
+        "shards": pattern,
+        "captions": str(root / "captions.txt"),
+        "triplets": str(root / "imgs" / "triplets.jsonl"),
+        "wds_triplets": str(root / "wds-triplets.jsonl"),
+        "annotations": str(ann),
+        "images": str(images),
+    }
+
+
+def data_overrides(method: str, corpora: dict[str, str], cache_dir: Path) -> list[str]:
+    """The ``data.*`` settings that train ``method`` from :func:`write_corpora`'s corpora: language-only LinCIR from
+    the caption file, the supervised methods from the CIRR triplets (TMCIR's stage A from the triplet JSONL's
+    pseudo-targets), the others from the shards and the triplets naming shard keys."""
+    base = [f"data.cache_dir={cache_dir}", "data.num_workers=1"]
+    if method in ("tmcir", "combiner"):
+        return [*base, "data.benchmark=cirr", f"data.annotations={corpora['annotations']}",
+                f"data.benchmark_images={corpora['images']}", "data.val=cirr/val",
+                f"data.triplets={corpora['triplets']}"]  # fmt: skip
+    if method == "lincir":
+        return [*base, f"data.captions={corpora['captions']}"]
+    return [*base, f"data.images={corpora['shards']}", f"data.triplets={corpora['wds_triplets']}",
+            "data.triplets_by_name=true"]  # fmt: skip
+
+
+def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json: str, out: str) -> None:
+    """One of two gloo processes: trains every method with stages for 2 steps of global batch 4 from the corpora
+    (``fit``, this process's half of each batch); writes to ``out/rank<r>.json`` each method's report and, per
+    stage, a digest of the weights this process ended the stage with (before ``fit`` loads the best checkpoint,
+    which rank 0 wrote, back into every process): equal on both processes only if the gradients were averaged."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    import cirlab
+    import cirlab.training.run as run_module
+    from cirlab.distributed import shutdown
+    from cirlab.features.cache import FeatureCache
+    from cirlab.methods import METHODS, create_method
+    from cirlab.training.corpus_source import CorpusSource
+    from cirlab.training.run import fit, load_run_config
+
+    ended: dict[str, str] = {}
+    load_weights = run_module.load_weights
+
+    def record_then_load(method, path):  # the loop's last-step weights, before the best ones replace them
+        digest = hashlib.sha1()
+        for name, tensor in sorted(method.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+        ended[Path(path).parent.name] = digest.hexdigest()
+        return load_weights(method, path)
+
+    run_module.load_weights = record_then_load
+    torch.set_num_threads(1)
+    torch.multiprocessing.set_start_method("fork", force=True)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        corpora = json.loads(Path(corpora_json).read_text())
+        backbone = cirlab.create_backbone("tiny").freeze()
+        results = {}
+        for method in sorted(m for m in METHODS.list() if METHODS.get(m).stages):
+            cls = METHODS.get(method)
+            steps = [f"{st.name}.{k}" for st in cls.stages for k in ("steps=2", "batch_size=4", "progress=false")]
+            overrides = data_overrides(method, corpora, Path(out) / "cache")
+            run_cfg = load_run_config(method, None, [*steps, *overrides])
+            source = CorpusSource(run_cfg.data, FeatureCache(run_cfg.data.cache_dir))
+            torch.manual_seed(0)
+            model = create_method(method, backbone, run_cfg.method)
+            ended.clear()
+            report = fit(model, source, run_cfg, Path(out) / method, val_split=run_cfg.data.val or None, progress=False)
+            results[method] = {"report": report, "stage_weights": dict(ended)}
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
+    except BaseException:
+        shutdown(wait_for_peers=False)
+        raise
+    shutdown()
 
 
 def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str, cache: str, out: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,11 @@ import torch
 import cirlab.data.corpora as corpora_module
 from _corpora import (
     caption_of,
+    data_overrides,
+    every_method_worker,
     two_process_worker,
     write_captions,
-    write_cirr,
+    write_corpora,
     write_image_folder,
     write_shards,
     write_triplets,
@@ -194,37 +195,7 @@ def test_encoding_is_cached_and_the_index_reused(tmp_path, tiny_backbone):
 # ------------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpora")
-    names = write_image_folder(root / "imgs", n=12)
-    pattern, keys = write_shards(root / "wds", 3, 4)
-    write_captions(root / "captions.txt", 16)
-    write_triplets(root / "imgs" / "triplets.jsonl", names)
-    write_triplets(root / "wds-triplets.jsonl", keys)
-    ann, images = write_cirr(root, 12)
-    return {
-        "root": root,
-        "folder": str(root / "imgs"),
-        "shards": pattern,
-        "captions": str(root / "captions.txt"),
-        "triplets": str(root / "imgs" / "triplets.jsonl"),
-        "wds_triplets": str(root / "wds-triplets.jsonl"),
-        "annotations": str(ann),
-        "images": str(images),
-    }
-
-
-def _data_overrides(method: str, corpora: dict, tmp_path: Path) -> list[str]:
-    base = [f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1"]
-    if method in ("tmcir", "combiner"):
-        # The benchmark's train triplets; TMCIR's stage A reads the pseudo-targets of the triplet JSONL.
-        return [*base, "data.benchmark=cirr", f"data.annotations={corpora['annotations']}",
-                f"data.benchmark_images={corpora['images']}", "data.val=cirr/val",
-                f"data.triplets={corpora['triplets']}"]  # fmt: skip
-    if method == "lincir":
-        return [*base, f"data.captions={corpora['captions']}"]
-    # Images from shards, mined-style triplets naming shard keys.
-    return [*base, f"data.images={corpora['shards']}", f"data.triplets={corpora['wds_triplets']}",
-            "data.triplets_by_name=true"]  # fmt: skip
+    return write_corpora(tmp_path_factory.mktemp("corpora"))
 
 
 TRAINED = sorted(m for m in METHODS.list() if METHODS.get(m).stages)
@@ -238,7 +209,7 @@ COVERED_BY_PRESETS = {"map-to-compose", "tmcir"}
 def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_backbone, tmp_path):
     cls = METHODS.get(method)
     stage_steps = [f"{s.name}.{k}" for s in cls.stages for k in ("steps=2", "batch_size=4", "progress=false")]
-    run_cfg = load_run_config(method, None, [*stage_steps, *_data_overrides(method, corpora, tmp_path)])
+    run_cfg = load_run_config(method, None, [*stage_steps, *data_overrides(method, corpora, tmp_path / "cache")])
     source = CorpusSource(run_cfg.data, FeatureCache(run_cfg.data.cache_dir))
     torch.manual_seed(0)
     model = create_method(method, tiny_backbone, run_cfg.method)
@@ -248,6 +219,31 @@ def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_back
         assert info["steps"] == 2, stage
         assert "skipped" in info, stage
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_every_method_trains_in_two_processes_from_corpora(corpora, tmp_path):
+    """Two gloo processes train every method with stages from the corpora (global batch 4, 2 per process): each
+    stage runs its steps, and both processes end each stage with identical weights (gradients averaged)."""
+    (tmp_path / "corpora.json").write_text(json.dumps(corpora))
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.multiprocessing.spawn(
+        every_method_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "corpora.json"), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert set(ranks[0]) == set(TRAINED)
+    for method in TRAINED:
+        report = ranks[0][method]["report"]
+        assert {stage: info["steps"] for stage, info in report.items()} == {
+            s.name: 2 for s in METHODS.get(method).stages
+        }, method
+        stages = ranks[0][method]["stage_weights"]
+        assert set(stages) == {s.name for s in METHODS.get(method).stages}, method
+        assert stages == ranks[1][method]["stage_weights"], f"{method}: the processes' weights diverged"
+        assert (out / method / "model.safetensors").is_file(), method
 
 
 def test_pairs_drop_images_without_captions_and_say_so(tmp_path, tiny_backbone):
