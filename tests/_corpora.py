@@ -189,6 +189,18 @@ def data_overrides(method: str, corpora: dict[str, str], cache_dir: Path) -> lis
             "data.triplets_by_name=true"]  # fmt: skip
 
 
+def join_gloo(rank: int, world_size: int, init_file: str) -> None:
+    """Joins a ``spawn``-started process to a gloo group of ``world_size`` through ``init_file``, one torch thread;
+    DataLoader workers then fork, as they do under torchrun (and start in ms). Leave through
+    ``cirlab.distributed.process_group()``, which picks this group up."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.multiprocessing.set_start_method("fork", force=True)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+
 def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json: str, out: str) -> None:
     """One of two gloo processes: trains every method with stages for 2 steps of global batch 4 from the corpora
     (``fit``, this process's half of each batch); writes to ``out/rank<r>.json`` each method's report and, per
@@ -197,11 +209,10 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
     import hashlib
 
     import torch
-    import torch.distributed as dist
 
     import cirlab
     import cirlab.training.run as run_module
-    from cirlab.distributed import shutdown
+    from cirlab.distributed import process_group
     from cirlab.features.cache import FeatureCache
     from cirlab.methods import METHODS, create_method
     from cirlab.training.corpus_source import CorpusSource
@@ -218,10 +229,8 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
         return load_weights(method, path)
 
     run_module.load_weights = record_then_load
-    torch.set_num_threads(1)
-    torch.multiprocessing.set_start_method("fork", force=True)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    join_gloo(rank, world_size, init_file)
+    with process_group():
         corpora = json.loads(Path(corpora_json).read_text())
         backbone = cirlab.create_backbone("tiny").freeze()
         results = {}
@@ -237,31 +246,23 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
             report = fit(model, source, run_cfg, Path(out) / method, val_split=run_cfg.data.val or None, progress=False)
             results[method] = {"report": report, "stage_weights": dict(ended)}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
-    except BaseException:
-        shutdown(wait_for_peers=False)
-        raise
-    shutdown()
 
 
 def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str, cache: str, out: str) -> None:
     """One of two gloo processes: the index pass (2 DataLoader workers), the encoding pass, then Pic2Word's stage
     trained a few steps through ``fit``; writes what this process read and got to ``out/rank<r>.json``."""
     import torch
-    import torch.distributed as dist
 
     import cirlab
-    from cirlab.distributed import shutdown
+    from cirlab.distributed import process_group
     from cirlab.features.cache import FeatureCache
     from cirlab.features.corpus import index_corpus
     from cirlab.methods import create_method
     from cirlab.training.corpus_source import CorpusSource, DataOptions
     from cirlab.training.run import fit, load_run_config
 
-    torch.set_num_threads(1)
-    # spawn started this process; its DataLoader workers fork, as they do under torchrun (and start in ms).
-    torch.multiprocessing.set_start_method("fork", force=True)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    join_gloo(rank, world_size, init_file)
+    with process_group():
         from cirlab.data.corpora import WebDatasetCorpus
 
         local, _ = index_corpus(WebDatasetCorpus(pattern), num_workers=2)
@@ -282,7 +283,3 @@ def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str,
             "report": report,
         }
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        shutdown(wait_for_peers=False)
-        raise
-    shutdown()
