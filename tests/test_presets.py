@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from _corpora import image_bytes, write_captions, write_cirr, write_fashioniq, write_image_folder, write_shards
+from _corpora import (
+    image_bytes,
+    write_captions,
+    write_cirr,
+    write_fashioniq,
+    write_image_folder,
+    write_shards,
+    write_triplets,
+)
 from cirlab.cli.main import main
 from cirlab.data.benchmark import load_splits
 from cirlab.methods import METHODS
@@ -156,14 +164,12 @@ def test_dry_run_of_every_shapes_world_preset(preset, method, quick_shapes_root,
 
 
 @pytest.mark.slow  # about a minute: the preset's 2048-wide denoiser runs both stages
-def test_dry_run_of_the_mllm_preset(data, tmp_path, capsys):
+def test_dry_run_of_the_mllm_preset(tmp_path, capsys):
     out = tmp_path / "out"
     real = "mllm:Qwen/Qwen2.5-VL-72B-Instruct"
     args = ["train", "fusion-diff", "--preset", "qwen25vl-72b", "--dry-run", "--out", str(out)]
     # The pair encoder reads image files, so this preset trains from the image folder (shards are refused).
-    names = write_image_folder(tmp_path / "imgs", n=8)
-    lines = [{"reference": names[i], "text": "make it blue", "target": names[(i + 1) % 8]} for i in range(8)]
-    (tmp_path / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_triplets(tmp_path / "triplets.jsonl", write_image_folder(tmp_path / "imgs", n=8), pseudo=False)
     corpora = [f"cache_dir={tmp_path / 'cache'}", "num_workers=1", f"images={tmp_path / 'imgs'}"]
     corpora += [f"triplets={tmp_path / 'triplets.jsonl'}", "triplets_by_name=true"]
     assert main([*args, *(a for c in corpora for a in ("--data", c))]) == 0, capsys.readouterr().err
