@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cirlab.backbones import hf_clip, mllm, open_clip, tiny  # noqa: F401  (registration)
+from cirlab.backbones import hf_clip, mllm, open_clip, shapes_clip, tiny  # noqa: F401  (registration)
 from cirlab.registry import BACKBONES
 
 __all__ = ["BACKBONES", "create_backbone", "parse_spec"]
@@ -17,8 +17,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def create_backbone(spec: str, **kwargs: Any) -> Any:
-    """Builds the backbone named by ``spec`` (``tiny``, ``hf-clip:<hub id or dir>``, ``open-clip:<arch>``,
-    ``mllm:<hub id or dir>``)."""
+    """Builds the backbone named by ``spec`` (``tiny``, ``shapes-clip``, ``hf-clip:<hub id or dir>``,
+    ``open-clip:<arch>``, ``mllm:<hub id or dir>``)."""
     name, weights = parse_spec(spec)
     factory = BACKBONES.get(name)
     return factory(weights, **kwargs) if weights is not None else factory(**kwargs)

@@ -110,10 +110,11 @@ def train_or_load(
     return method, report
 
 
-def evaluate_on_tests(method: Any, env: ShapesEnv) -> dict[str, Any]:
-    """Metrics on each test split: all queries, seen, held-out (template and combination) parts."""
+def evaluate_on_tests(method: Any, env: ShapesEnv, splits: Sequence[str] = TEST_SPLITS) -> dict[str, Any]:
+    """Metrics on each split (the test splits by default): all queries, seen, held-out (template and combination)
+    parts."""
     out = {}
-    for split_name in TEST_SPLITS:
+    for split_name in splits:
         split = env.source.split(split_name)
         feats = env.source.features_for(method, split_name)
         t0 = time.perf_counter()
@@ -129,7 +130,9 @@ def evaluate_on_tests(method: Any, env: ShapesEnv) -> dict[str, Any]:
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of every metric of every part of every split."""
     out: dict[str, Any] = {}
-    for split_name in TEST_SPLITS:
+    for split_name in runs[0]:
+        if not isinstance(runs[0][split_name], dict):
+            continue
         out[split_name] = {}
         for part, metrics in runs[0][split_name].items():
             if not isinstance(metrics, dict):

@@ -1,26 +1,25 @@
-"""The Shapes environment: a built world plus its own pretrained CLIP, both content-addressed and reused.
+"""The Shapes environment: a built world plus its CLIP, both content-addressed and reused.
 
-``prepare_shapes`` is what ``cirlab demo`` and ``cirlab train --dataset shapes`` call: it builds the world (or
-finds it), pretrains the Shapes CLIP on the world's caption corpus (or finds it) and returns a ``ShapesSource``
-whose features come from the shared feature cache.
+``prepare_shapes`` is what ``cirlab demo``, the studies and ``cirlab train --dataset shapes`` call: it builds the
+world (or finds it) and takes the Shapes CLIP shipped with cirlab (``shapes-clip``), as real CIR work starts from a
+pretrained CLIP. With ``pretrain=True``, or for a world whose scene vocabulary, held-out combinations or renderer
+differ from those the shipped CLIP was pretrained on, it pretrains one instead (``cirlab shapes-pretrain``'s
+recipe; reused when already trained under ``root``). It returns a ``ShapesSource`` whose features come from the
+shared feature cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cirlab.config import to_dict
-from cirlab.data.shapes import ShapesConfig, ShapesWorld, build_world, eval_caption, sample_scene, world_id
-from cirlab.data.shapes.render import render_batch
-from cirlab.data.shapes.world import combo_filter, component_rng
+from cirlab.config import from_dict, to_dict
+from cirlab.data.shapes import ShapesConfig, ShapesWorld, build_world, world_id
 from cirlab.features.cache import FeatureCache
 from cirlab.io import atomic_write_json
 from cirlab.training.clip_pretrain import CLIPPretrainConfig, pretrain_clip
@@ -28,6 +27,9 @@ from cirlab.training.run import scale_train
 from cirlab.training.sources import ShapesSource
 
 DEFAULT_ROOT = Path("runs") / "shapes"
+QUICK_PRETRAIN = 0.1
+"""Fraction of the pretraining steps ``--quick`` runs when it pretrains (a smoke test of the recipe, not a CLIP
+good enough to measure methods with)."""
 
 
 @dataclass
@@ -45,22 +47,58 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def clip_config(quick: bool) -> CLIPPretrainConfig:
-    """The Shapes CLIP's pretraining settings (quick: fewer steps, same model)."""
-    cfg = CLIPPretrainConfig()
-    cfg.train.eval_every = 200
+def clip_config(world: ShapesConfig, quick: bool = False) -> CLIPPretrainConfig:
+    """The Shapes CLIP's pretraining settings for ``world``'s scenes and renderer (quick: a short schedule)."""
+    cfg = CLIPPretrainConfig(scene=world.scene, render=world.render)
     if quick:
-        cfg.train = scale_train(cfg.train, 0.25)
+        cfg.train = scale_train(cfg.train, QUICK_PRETRAIN)
         cfg.eval_scenes = 500
     return cfg
 
 
-def heldout_scenes(world: ShapesWorld, n: int) -> tuple[np.ndarray, list[str]]:
-    """Fresh scenes (never in the corpus) with their canonical captions, for the CLIP's retrieval eval."""
-    rng = component_rng(world.config.seed, "clip-eval")
-    scenes = [sample_scene(rng, world.config.scene, combo_filter(world.config.scene.heldout)) for _ in range(n)]
-    images = render_batch([(s, rng.getrandbits(31)) for s in scenes], world.config.render)
-    return images, [eval_caption(s) for s in scenes]
+def shipped_fits(world: ShapesConfig, record: dict[str, Any]) -> bool:
+    """Whether the shipped CLIP was pretrained on ``world``'s scene distribution and renderer.
+
+    Anything else (another vocabulary, other held-out combinations, another image size) would let the backbone
+    have seen what the world holds out, or never have seen what it shows.
+    """
+    shipped = from_dict(CLIPPretrainConfig, record["config"])
+    return to_dict(shipped.scene) == to_dict(world.scene) and to_dict(shipped.render) == to_dict(world.render)
+
+
+def _shipped(world: ShapesWorld, log: Callable[[str], None]) -> tuple[Any, dict[str, float], Path] | None:
+    from cirlab.backbones.shapes_clip import shapes_clip, shipped_dir, shipped_record
+
+    try:
+        record = shipped_record()
+    except FileNotFoundError as err:
+        log(f"{err}; pretraining one")
+        return None
+    if not shipped_fits(world.config, record):
+        log("the shipped Shapes CLIP was pretrained on another scene vocabulary or renderer; pretraining one")
+        return None
+    log(f"using the shipped Shapes CLIP ({shipped_dir()})")
+    return shapes_clip().freeze(), dict(record["metrics"]), shipped_dir()
+
+
+def _pretrained(
+    world: ShapesWorld, quick: bool, seed: int, root: Path, force: bool, log: Callable[[str], None]
+) -> tuple[Any, dict[str, float], Path]:
+    from cirlab.backbones.hf_clip import HFCLIPBackbone
+
+    ccfg = clip_config(world.config, quick)
+    clip_dir = root / f"clip-{_digest([to_dict(ccfg), seed])}"
+    best = clip_dir / "best"
+    if force and clip_dir.exists():
+        shutil.rmtree(clip_dir)
+    if (best / "config.json").is_file() and (clip_dir / "clip_metrics.json").is_file():
+        log(f"reusing the Shapes CLIP at {best}")
+        metrics = json.loads((clip_dir / "clip_metrics.json").read_text())
+        return HFCLIPBackbone.from_pretrained(str(best)).freeze(), metrics, best
+    log(f"pretraining the Shapes CLIP ({ccfg.train.steps} steps) into {clip_dir}")
+    backbone, metrics = pretrain_clip(replace(ccfg, train=replace(ccfg.train, seed=seed)), clip_dir, seed)
+    atomic_write_json(clip_dir / "clip_metrics.json", metrics)
+    return backbone, metrics, best
 
 
 def prepare_shapes(
@@ -70,44 +108,23 @@ def prepare_shapes(
     cache_dir: str | Path | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
+    pretrain: bool = False,
 ) -> ShapesEnv:
-    """Builds or reuses the Shapes world and its CLIP.
+    """Builds or reuses the Shapes world, and takes the shipped Shapes CLIP (or pretrains one).
 
     Args:
-        quick: the small world and a shorter CLIP schedule (same code path).
-        seed: world and CLIP seed.
-        root: where worlds and CLIPs are kept (``world-<id>``, ``clip-<id>``).
+        quick: the small world (and, when pretraining, a short schedule; same code path).
+        seed: world seed (and pretraining seed).
+        root: where worlds and pretrained CLIPs are kept (``world-<id>``, ``clip-<id>``).
         cache_dir: feature cache (default ``<root>/features``).
-        force: rebuild the world and retrain the CLIP even when a matching build exists.
+        force: rebuild the world (and retrain a pretrained CLIP) even when a matching build exists.
         log: progress messages.
+        pretrain: pretrain the CLIP instead of using the shipped one.
     """
-    import torch
-
-    from cirlab.backbones.hf_clip import HFCLIPBackbone
-
     root = Path(root)
     wcfg = ShapesConfig.quick(seed=seed) if quick else ShapesConfig(seed=seed)
-    wid = world_id(wcfg)
-    world = build_world(wcfg, root / f"world-{wid}", overwrite=force, log=log)
-    ccfg = clip_config(quick)
-    clip_dir = root / f"clip-{_digest([wid, to_dict(ccfg), seed])}"
-    best = clip_dir / "best"
-    if force and clip_dir.exists():
-        import shutil
-
-        shutil.rmtree(clip_dir)
-    if (best / "config.json").is_file() and (clip_dir / "clip_metrics.json").is_file():
-        log(f"reusing the Shapes CLIP at {best}")
-        backbone = HFCLIPBackbone.from_pretrained(str(best)).freeze()
-        metrics = json.loads((clip_dir / "clip_metrics.json").read_text())
-    else:
-        log(f"pretraining the Shapes CLIP ({ccfg.train.steps} steps) into {clip_dir}")
-        corpus = world.corpus()
-        rng = random.Random(f"tokenizer/{seed}")
-        texts = [corpus.caption(i, rng) for i in range(len(corpus))]
-        images, captions = heldout_scenes(world, ccfg.eval_scenes)
-        torch.manual_seed(seed)
-        backbone, metrics = pretrain_clip(corpus.images, corpus.caption, texts, ccfg, clip_dir, images, captions, seed)
-        atomic_write_json(clip_dir / "clip_metrics.json", metrics)
+    world = build_world(wcfg, root / f"world-{world_id(wcfg)}", overwrite=force, log=log)
+    found = None if pretrain else _shipped(world, log)
+    backbone, metrics, clip_dir = found or _pretrained(world, quick, seed, root, force, log)
     cache = FeatureCache(Path(cache_dir) if cache_dir else root / "features")
-    return ShapesEnv(world, backbone, ShapesSource(world, cache), metrics, best)
+    return ShapesEnv(world, backbone, ShapesSource(world, cache), metrics, clip_dir)

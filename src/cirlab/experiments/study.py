@@ -23,7 +23,7 @@ import torch
 
 from cirlab.config import apply_overrides
 from cirlab.experiments.report import markdown_table
-from cirlab.experiments.runs import aggregate, evaluate_on_tests, new_results, train_or_load
+from cirlab.experiments.runs import TEST_SPLITS, aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.shapes_env import DEFAULT_ROOT, ShapesEnv, prepare_shapes
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS
@@ -66,27 +66,37 @@ OnRun = Callable[[Row, int, Any], None]
 
 
 def evaluate_row(
-    row: Row, env: ShapesEnv, seed: int, quick: bool, runs: Path, force: bool, on_run: OnRun | None = None
+    row: Row,
+    env: ShapesEnv,
+    seed: int,
+    quick: bool,
+    runs: Path,
+    force: bool,
+    on_run: OnRun | None = None,
+    splits: Sequence[str] = TEST_SPLITS,
 ) -> dict[str, Any]:
-    """Trains (or reuses) the row's run for ``seed`` and evaluates it on the test splits.
+    """Trains (or reuses) the row's run for ``seed`` and evaluates it on ``splits`` (the test splits by default).
 
     Args:
         on_run: called as ``on_run(row, seed, method)`` after the evaluation, while the evaluation overrides are
             still applied (the demo collects example rankings there).
+        splits: the Shapes splits to evaluate on.
 
     Returns:
         ``{"metrics": evaluate_on_tests(...), "train": the run's per-stage training report}``.
     """
+    t0 = time.perf_counter()
     method, report = train_or_load(row.method, env, seed, quick, runs, force, row.overrides)
+    t1 = time.perf_counter()
     trained = method.config
     method.config = apply_overrides(trained, list(row.evaluation))
     try:
-        metrics = evaluate_on_tests(method, env)
+        metrics = evaluate_on_tests(method, env, splits)
         if on_run is not None:
             on_run(row, seed, method)
     finally:
         method.config = trained
-    return {"metrics": metrics, "train": report}
+    return {"metrics": metrics, "train": report, "seconds": {"train": t1 - t0, "evaluate": time.perf_counter() - t1}}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -102,8 +112,9 @@ def run_study(
     force: bool = False,
     log: Callable[[str], None] = print,
     on_run: OnRun | None = None,
+    splits: Sequence[str] = TEST_SPLITS,
 ) -> dict[str, Any]:
-    """Every row for every seed; results in the demo's format (so ``markdown_table`` renders them).
+    """Every row for every seed on ``splits``; results in the demo's format (so ``markdown_table`` renders them).
 
     Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared (``on_run``, see
     :func:`evaluate_row`, is then called for the first of them only).
@@ -116,8 +127,9 @@ def run_study(
             key = (row.method, row.overrides, row.evaluation, seed)
             t0 = time.perf_counter()
             if key not in done:
-                log(f"[{row.label}] seed {seed}")
-                done[key] = evaluate_row(row, env, seed, quick, runs, force, on_run)
+                done[key] = evaluate_row(row, env, seed, quick, runs, force, on_run, splits)
+                train_s, eval_s = done[key]["seconds"]["train"], done[key]["seconds"]["evaluate"]
+                log(f"[{row.label}] seed {seed}: {train_s:.0f} s to train or load, {eval_s:.0f} s to evaluate")
             per_seed.append(done[key])
             seconds.append(round(time.perf_counter() - t0, 1))
         metrics = [r["metrics"] for r in per_seed]

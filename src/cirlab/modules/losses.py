@@ -70,3 +70,32 @@ def info_nce(
         reverse = logits.t() if all_keys is keys else keys @ gather_with_grad(queries)[0].t() / temperature  # (B, G)
         loss = 0.5 * (loss + F.cross_entropy(reverse, labels))
     return loss
+
+
+def multi_positive_nce(
+    images: torch.Tensor, texts: torch.Tensor, positives: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE where every caption true of an image is a positive (and every image a caption is true of).
+
+    With one positive per row this is CLIP's loss; with several, each direction maximises the summed probability
+    of the positives (the multi-positive form of the loss), so a partial caption is never pushed away from an image
+    it describes. Under ``torch.distributed`` every process's share is gathered as negatives.
+
+    Args:
+        images: (B, d) L2-normalised image embeddings of this process's share.
+        texts: (B, d) L2-normalised caption embeddings of this process's share.
+        positives: (G, G) bool, caption ``j`` is true of image ``i``, over the global batch (G = B * processes);
+            the diagonal must be true.
+        scale: logit scale (inverse temperature).
+    """
+    all_texts, offset = gather_with_grad(texts)  # (G, d)
+    all_images = gather_with_grad(images)[0]  # (G, d)
+    rows = slice(offset, offset + images.shape[0])
+    floor = torch.finfo(images.dtype).min
+    i2t = scale * images @ all_texts.t()  # (B, G)
+    t2i = scale * texts @ all_images.t()  # (B, G)
+    pos_i2t = positives[rows].to(images.device)  # (B, G)
+    pos_t2i = positives[:, rows].t().to(images.device)  # (B, G): images each local caption is true of
+    loss_i2t = torch.logsumexp(i2t, 1) - torch.logsumexp(i2t.masked_fill(~pos_i2t, floor), 1)
+    loss_t2i = torch.logsumexp(t2i, 1) - torch.logsumexp(t2i.masked_fill(~pos_t2i, floor), 1)
+    return 0.5 * (loss_i2t.mean() + loss_t2i.mean())

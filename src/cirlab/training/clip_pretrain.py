@@ -1,31 +1,43 @@
-"""Contrastive pretraining of the Shapes world's own tiny CLIP on its image-caption corpus (no triplets).
+"""Contrastive pretraining of the Shapes world's own CLIP, the way real CLIPs learn: alt-text and hard negatives.
 
-The model is a ``transformers.CLIPModel`` (via ``build_small_clip``) with a byte-level BPE trained on the corpus
-captions; it is trained by the shared loop with CLIP's symmetric InfoNCE and learnable temperature, a fresh caption
-phrasing drawn at every step, and saved as a directory that loads as ``hf-clip:<dir>``.
+The model is a ``transformers.CLIPModel`` (``build_small_clip``) with a byte-level BPE trained on alt-text
+captions. Each batch (``data.shapes.pretraining``) holds groups of near-duplicate scenes drawn fresh from the scene
+distribution (held-out combinations excluded), each with an alt-text caption, complete or partial; the loss is
+CLIP's symmetric InfoNCE with its learnable temperature, counting every caption true of an image as a positive
+(``modules.losses.multi_positive_nce``). The shared loop trains it; the result is a directory that loads as
+``hf-clip:<dir>``. Pretraining reads no benchmark triplet, no modification text and no world file: the same
+backbone serves every world built with the same scene vocabulary, held-out combinations and renderer.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cirlab.backbones.hf_clip import HFCLIPBackbone
+from cirlab.backbones.shapes_clip import RECORD_FILE, file_digest
 from cirlab.backbones.tiny import SmallCLIPConfig, build_small_clip
+from cirlab.config import to_dict
+from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
+from cirlab.data.shapes.captions import eval_caption
+from cirlab.data.shapes.pretraining import pretrain_batch
+from cirlab.data.shapes.render import render_batch
+from cirlab.data.shapes.world import RenderConfig, SceneConfig, combo_filter, sample_scene
 from cirlab.distributed import current_world
-from cirlab.modules.losses import gather_with_grad
-from cirlab.training.data import epoch_indices
+from cirlab.io import atomic_write_json, replace_dir
+from cirlab.modules.losses import multi_positive_nce
 from cirlab.training.loop import TrainConfig, train
 
 
 def shapes_clip_model() -> SmallCLIPConfig:
-    """The Shapes CLIP: 64 px, patch 8 (64 tokens), 2+2 layers of width 128 (SHAPES-CALIBRATION.md's pick)."""
+    """The Shapes CLIP's architecture (64 px; see docs/RESULTS.md for how it was chosen)."""
     return SmallCLIPConfig(
         image_size=64,
         patch_size=8,
@@ -45,30 +57,49 @@ def shapes_clip_model() -> SmallCLIPConfig:
 
 @dataclass
 class CLIPPretrainConfig:
-    """Attributes: model: architecture. train: loop settings. eval_scenes: held-out scenes for the retrieval eval."""
+    """How the Shapes CLIP is pretrained.
+
+    Attributes:
+        model: architecture.
+        train: loop settings (``batch_size`` scenes per step).
+        group: near-duplicate scenes per group in a batch (1: no hard negatives).
+        captions: the alt-text caption distribution.
+        scene: the scene distribution (its held-out combinations are never drawn).
+        render: the renderer (must be the worlds' own).
+        tokenizer_texts: captions drawn to train the BPE tokenizer.
+        eval_scenes: fresh held-out scenes for the retrieval check that selects the best checkpoint.
+    """
 
     model: SmallCLIPConfig = field(default_factory=shapes_clip_model)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=800, batch_size=128, lr=5e-4, weight_decay=0.1, log_every=25)
+        default_factory=lambda: TrainConfig(
+            steps=4000, batch_size=256, lr=5e-4, weight_decay=0.1, eval_every=1000, log_every=50
+        )
     )
+    group: int = 4
+    captions: AltTextConfig = field(default_factory=AltTextConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    tokenizer_texts: int = 20000
     eval_scenes: int = 1000
 
 
-def clip_loss(backbone: HFCLIPBackbone, pixels: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-    """CLIP's symmetric InfoNCE with the model's learnable temperature (clamped at 100 as in CLIP)."""
-    v = F.normalize(backbone.encode_image(pixels).embeds, dim=-1)  # (B, d)
-    t = F.normalize(backbone.encode_text(backbone.tokenize(captions)).embeds, dim=-1)  # (B, d)
-    scale = backbone.logit_scale.exp().clamp(max=100.0)
-    v_all, offset = gather_with_grad(v)  # (G, d): every process's share of the global batch (G = B in one process)
-    if v_all is v:
-        logits = scale * v @ t.t()  # (B, B)
-        labels = torch.arange(len(captions))
-        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-    else:
-        t_all = gather_with_grad(t)[0]  # (G, d)
-        labels = torch.arange(len(captions), device=v.device) + offset
-        loss = 0.5 * (F.cross_entropy(scale * v @ t_all.t(), labels) + F.cross_entropy(scale * t @ v_all.t(), labels))
-    return {"loss": loss, "scale": scale.detach()}
+def tokenizer_corpus(cfg: CLIPPretrainConfig, seed: int) -> list[str]:
+    """Alt-text and canonical captions of fresh scenes, for training the tokenizer."""
+    rng = random.Random(f"shapes-clip-tokenizer/{seed}")
+    texts = []
+    for _ in range(cfg.tokenizer_texts // 2):
+        scene = sample_scene(rng, cfg.scene, combo_filter(cfg.scene.heldout))
+        texts += [alt_caption(scene, rng, cfg.captions)[0], eval_caption(scene)]
+    return texts
+
+
+def heldout_scenes(scene: SceneConfig, render: RenderConfig, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``n`` fresh scenes (seen combinations only, drawn apart from any pretraining batch) and canonical captions."""
+    rng = random.Random(f"shapes-clip-eval/{seed}")
+    scenes = [sample_scene(rng, scene, combo_filter(scene.heldout)) for _ in range(n)]
+    images = render_batch([(s, rng.getrandbits(31)) for s in scenes], render)
+    return images, [eval_caption(s) for s in scenes]
 
 
 @torch.no_grad()
@@ -98,63 +129,83 @@ def retrieval_recall(
 
 
 def pretrain_clip(
-    images: np.ndarray,
-    caption_fn: Any,
-    corpus_texts: list[str],
-    cfg: CLIPPretrainConfig,
-    out_dir: str | Path,
-    eval_images: np.ndarray | None = None,
-    eval_captions: list[str] | None = None,
-    seed: int = 0,
+    cfg: CLIPPretrainConfig, out_dir: str | Path, seed: int = 0
 ) -> tuple[HFCLIPBackbone, dict[str, float]]:
-    """Builds and trains a small CLIP; saves it to ``out_dir/backbone`` and returns it with its eval metrics.
+    """Builds and pretrains the Shapes CLIP; saves it to ``out_dir/best`` and returns it (frozen) with its metrics.
 
     Args:
-        images: uint8 corpus images (N, H, W, 3) (may be memory-mapped).
-        caption_fn: ``(index, rng) -> str``, a fresh phrasing of image ``index``.
-        corpus_texts: captions used to train the tokenizer.
-        cfg: model and loop settings.
-        out_dir: run directory (``trainer_state.pt`` for resume, ``metrics.csv``, ``backbone/``).
-        eval_images / eval_captions: held-out scenes and their canonical captions for the retrieval eval.
-        seed: initialisation seed.
+        cfg: model, loop, batch and caption settings.
+        out_dir: run directory (``trainer_state.pt`` for resume, ``metrics.csv``, ``best/``).
+        seed: initialisation and data seed.
     """
     out_dir = Path(out_dir)
-    backbone = build_small_clip(cfg.model, corpus_texts, seed=seed, name="shapes-clip")
+    backbone = build_small_clip(cfg.model, tokenizer_corpus(cfg, seed), seed=seed, name="shapes-clip")
     tc = cfg.train
+    world = current_world()
+    eval_images, eval_captions = heldout_scenes(cfg.scene, cfg.render, cfg.eval_scenes, seed)
 
-    # Under torchrun each process reads its share of the global batch (the captions are drawn for the whole
-    # batch, so the examples are those one process would see).
-    share = current_world()
+    def batch_fn(step: int, micro: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        # Every process draws the whole global batch (cheap, and the truth matrix needs every caption), then
+        # encodes its own share.
+        size = tc.batch_size * world.size
+        batch = pretrain_batch(tc.seed, step, micro, size, cfg.group, cfg.scene, cfg.render, cfg.captions)
+        local = world.local_slice(size)
+        pixels = backbone.image_transform.from_uint8(batch.images[local])
+        return pixels, batch.captions[local], torch.from_numpy(batch.positives)
 
-    def batch_fn(step: int, micro: int) -> tuple[torch.Tensor, list[str]]:
-        idx = epoch_indices(len(images), tc.batch_size, step, micro, tc.grad_accum, tc.seed).numpy()
-        rng = random.Random(f"clip/{tc.seed}/{step}/{micro}")
-        captions = [caption_fn(int(i), rng) for i in idx]
-        local = share.local_slice(len(idx))
-        idx, captions = idx[local], captions[local]
-        pixels = backbone.image_transform.from_uint8(np.asarray(images[np.sort(idx)]))
-        order = np.argsort(np.argsort(idx))  # undo the sort used for the memory-mapped read
-        return pixels[torch.from_numpy(order)], captions
-
-    def eval_fn() -> dict[str, float]:
-        if eval_images is None or eval_captions is None:
-            return {}
-        return retrieval_recall(backbone, eval_images, eval_captions)
-
-    def save(path: Path) -> None:
-        backbone.save_pretrained(path)
+    def loss_fn(batch: tuple[torch.Tensor, list[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        pixels, captions, positives = batch
+        v = F.normalize(backbone.encode_image(pixels).embeds.float(), dim=-1)  # (B, d)
+        t = F.normalize(backbone.encode_text(backbone.tokenize(captions)).embeds.float(), dim=-1)  # (B, d)
+        scale = backbone.logit_scale.exp().clamp(max=100.0)
+        return {"loss": multi_positive_nce(v, t, positives, scale), "scale": scale.detach()}
 
     result = train(
         backbone,
         list(backbone.parameters()),
         batch_fn,
-        lambda b: clip_loss(backbone, *b),
+        loss_fn,
         tc,
         out_dir,
-        eval_fn=eval_fn if eval_images is not None else None,
-        select_metric="i2t_r1" if eval_images is not None else None,
-        save_fn=save,
+        eval_fn=lambda: retrieval_recall(backbone, eval_images, eval_captions),
+        select_metric="i2t_r1",
+        save_fn=backbone.save_pretrained,
         description="shapes CLIP",
     )
     best = HFCLIPBackbone.from_pretrained(str(out_dir / "best"))
     return best.freeze(), result.best_metrics
+
+
+def export_pretrained(
+    backbone: HFCLIPBackbone, cfg: CLIPPretrainConfig, metrics: dict[str, float], command: str, path: str | Path
+) -> None:
+    """Writes ``backbone`` as a shippable Shapes CLIP: the model directory plus ``PRETRAINED.json`` (the SHA-256 of
+    every file, the command that made it, the pretraining config, the held-out-scene metrics, the versions).
+
+    Written beside ``path`` and renamed into place, so a crash leaves no half-written model.
+    """
+    import transformers
+
+    import cirlab
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        backbone.save_pretrained(tmp / "model")
+        files = {p.name: file_digest(p) for p in sorted((tmp / "model").iterdir()) if p.is_file()}
+        record = {
+            "command": command,
+            "files": files,
+            "metrics": metrics,
+            "config": to_dict(cfg),
+            "versions": {
+                "cirlab": cirlab.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+        }
+        atomic_write_json(tmp / "model" / RECORD_FILE, record)
+        replace_dir(tmp / "model", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

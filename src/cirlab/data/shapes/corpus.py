@@ -8,8 +8,9 @@ image, in array order::
      "captions": ["top left: a big red circle, middle: a little blue square", ...],
      "eval_caption": "a large red circle at the top left and a small blue square at the center"}
 
-``scene`` lets a trainer draw a fresh phrasing at every step (``CaptionCorpus.pairs``). No corpus scene holds a
-held-out combination.
+``scene`` lets a trainer draw a fresh phrasing at every step (``CaptionCorpus.pairs``). Captions are alt-text-like
+by default (complete or partial descriptions, ``alttext.py``), as a web corpus's are; ``CorpusConfig.caption_style``
+``scene`` keeps complete scene captions only. No corpus scene holds a held-out combination.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cirlab.data.shapes.alttext import alt_caption
 from cirlab.data.shapes.captions import caption, eval_caption
 from cirlab.data.shapes.render import render_batch
 from cirlab.data.shapes.world import Scene, ShapesConfig, component_rng, sample_scene
@@ -34,10 +36,12 @@ class CaptionCorpus:
     Attributes:
         images: uint8 array (N, H, W, 3).
         scenes: the scene of each image.
+        style: ``alt-text`` or ``scene`` (see ``caption_for``).
     """
 
     images: np.ndarray
     scenes: list[Scene]
+    style: str = "alt-text"
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.scenes):
@@ -47,8 +51,8 @@ class CaptionCorpus:
         return len(self.scenes)
 
     def caption(self, index: int, rng: random.Random) -> str:
-        """A fresh random phrasing of image ``index``."""
-        return caption(self.scenes[index], rng)
+        """A fresh random caption of image ``index`` in the corpus's style."""
+        return caption_for(self.scenes[index], rng, self.style)
 
     def eval_caption(self, index: int) -> str:
         """The canonical caption of image ``index``."""
@@ -63,13 +67,18 @@ class CaptionCorpus:
                 yield self.images[i], self.caption(i, rng)
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = True) -> CaptionCorpus:
+    def load(cls, directory: str | Path, mmap: bool = True, style: str = "alt-text") -> CaptionCorpus:
         """Reads ``images.npy`` (memory-mapped by default) and ``captions.jsonl`` from ``directory``."""
         directory = Path(directory)
         images = np.load(directory / "images.npy", mmap_mode="r" if mmap else None)
         with open(directory / "captions.jsonl", encoding="utf-8") as fh:
             scenes = [Scene.parse(json.loads(line)["scene"]) for line in fh]
-        return cls(images=images, scenes=scenes)
+        return cls(images=images, scenes=scenes, style=style)
+
+
+def caption_for(scene: Scene, rng: random.Random, style: str) -> str:
+    """A random caption of ``scene``: alt-text (complete or partial) or a complete scene caption."""
+    return alt_caption(scene, rng)[0] if style == "alt-text" else caption(scene, rng)
 
 
 def sample_corpus(cfg: ShapesConfig) -> tuple[list[Scene], list[int]]:
@@ -91,7 +100,9 @@ def write_corpus(cfg: ShapesConfig, directory: Path) -> int:
             record = {
                 "index": i,
                 "scene": scene.to_str(),
-                "captions": [caption(scene, rng) for _ in range(cfg.corpus.captions_per_image)],
+                "captions": [
+                    caption_for(scene, rng, cfg.corpus.caption_style) for _ in range(cfg.corpus.captions_per_image)
+                ],
                 "eval_caption": eval_caption(scene),
             }
             fh.write(json.dumps(record) + "\n")

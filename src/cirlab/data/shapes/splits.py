@@ -52,7 +52,7 @@ from cirlab.data.shapes.synthetic import corrupt_file_name, write_synthetic
 from cirlab.data.shapes.world import Combo, Scene, ShapesConfig, combo_filter, component_rng, sample_scene
 from cirlab.io import read_json
 
-CODE_VERSION = "shapes-world/1"
+CODE_VERSION = "shapes-world/2"
 """Bump whenever generation changes, so content-addressed worlds are rebuilt."""
 
 CIRR_SPLITS: dict[str, str] = {"train": "train", "val": "dev", "test1": "test1"}
@@ -385,7 +385,7 @@ class ShapesWorld:
 
     def corpus(self, mmap: bool = True) -> CaptionCorpus:
         """The image-caption corpus."""
-        return CaptionCorpus.load(self.corpus_dir, mmap=mmap)
+        return CaptionCorpus.load(self.corpus_dir, mmap=mmap, style=self.config.corpus.caption_style)
 
     def synthetic_triplets(self, corrupt_fraction: float | None = None) -> Path:
         """The synthetic triplet file at ``corrupt_fraction`` (default: the config's ``corrupt_fraction``)."""

@@ -281,10 +281,17 @@ class CorpusConfig:
     Attributes:
         images: number of scenes, stored as one uint8 array.
         captions_per_image: pre-sampled phrasings written per image (trainers can draw fresh ones).
+        caption_style: ``alt-text`` (complete and partial descriptions, like web alt-text; see ``alttext.py``) or
+            ``scene`` (complete scene captions only).
     """
 
     images: int = 20000
     captions_per_image: int = 3
+    caption_style: str = "alt-text"
+
+    def __post_init__(self) -> None:
+        if self.caption_style not in ("alt-text", "scene"):
+            raise ValueError(f"unknown caption style {self.caption_style!r} (alt-text, scene)")
 
 
 @dataclass(frozen=True)
