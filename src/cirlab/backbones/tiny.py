@@ -39,6 +39,11 @@ class SmallCLIPConfig:
     vocab_size: int = 400
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+    # Std of the vision tower's initial position embeddings (transformers' CLIP: 0.02). A patch embedding of a
+    # small model starts near 0.5, so at 0.02 the position is invisible beside the content, and it barely grows
+    # with training: a small CLIP then cannot tell an object's place (see ``shapes_clip_model``).
+    vision_position_init: float = 0.02
 
 
 #: The architectures of public CLIP checkpoints, for benchmarks where only the model's size matters (speed does not
@@ -102,10 +107,17 @@ def build_small_clip(cfg: SmallCLIPConfig, corpus: Iterable[str], seed: int = 0,
         "patch_size": cfg.patch_size,
         "projection_dim": cfg.embed_dim,
     }
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+    config = CLIPConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=cfg.embed_dim,
+        logit_scale_init_value=cfg.logit_scale_init,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()
+        if cfg.vision_position_init != 0.02:
+            torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=cfg.vision_position_init)
     transform = ImageTransform(size=cfg.image_size, resize_to=cfg.image_size, mean=cfg.mean, std=cfg.std)
     return HFCLIPBackbone(model, tokenizer, transform, name=name)
 
