@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from cirlab.backbones.transforms import ImageTransform
-from cirlab.io import replace_dir
+from cirlab.io import create_temp_dir, replace_dir
 from cirlab.placeholder import PLACEHOLDER
 from cirlab.registry import BACKBONES
 from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
@@ -179,7 +178,7 @@ class HFCLIPBackbone(nn.Module):
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = create_temp_dir(path.parent, f".{path.name}.")
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
