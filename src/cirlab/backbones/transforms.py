@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+MAX_RESIZE_ASPECT = 4
+"""Above this aspect ratio (after resizing) only the centre crop's region is resampled; see ``to_array``."""
+
 # PIL resampling filters by the integer codes Hugging Face image processors store in their configs.
 _RESAMPLE = {
     0: Image.Resampling.NEAREST,
@@ -56,17 +59,31 @@ class ImageTransform:
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
     def to_array(self, image: Image.Image) -> np.ndarray:
-        """Resizes and crops one PIL image; returns float32 (3, size, size), normalised."""
+        """Resizes and crops one PIL image; returns float32 (3, size, size), normalised.
+
+        Work and memory are bounded whatever the image's shape. CLIP's rule scales the short side to
+        ``resize_to``, so a 1 x 40000 image would become 224 x 8,960,000 before the crop (gigabytes, a minute).
+        When the resized long side would exceed ``MAX_RESIZE_ASPECT`` times the short side, only the region the
+        centre crop keeps is resampled (``Image.resize(box=...)``: the same filter at the same sampling positions,
+        equal to resizing everything and cropping up to the rounding of PIL's two-pass intermediate); other images
+        take the reference path exactly.
+        """
         image = image.convert("RGB")
         w, h = image.size
         # Same size rule as CLIP's reference preprocessing: the long side is truncated, not rounded.
         short, long = min(w, h), max(w, h)
         new_short, new_long = self.resize_to, int(self.resize_to * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC))
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        resample = _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC)
+        if new_long > MAX_RESIZE_ASPECT * max(new_short, self.size):
+            sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, per axis
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            image = image.resize((self.size, self.size), resample, box=box)
+        else:
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), resample)
+            image = image.crop((left, top, left + self.size, top + self.size))
         arr = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
         arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, size, size)
