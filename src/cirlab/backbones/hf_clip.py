@@ -8,6 +8,7 @@ backbone and the Shapes world's CLIP are this same class with small configs, so 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -34,6 +35,14 @@ def _placeholder_id(tokenizer: Any) -> int:
     if len(ids) != 1:
         raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(ids)} tokens: {ids}")
     return int(ids[0])
+
+
+def _no_cache(create_causal_mask: Any) -> dict[str, None]:
+    """The "no KV cache" argument of ``transformers.masking_utils.create_causal_mask`` under the name this release
+    uses: transformers renamed ``past_key_values`` to ``cache`` (5.2x) and warns on every call with the old name,
+    which filled a server's log with one warning per query."""
+    params = inspect.signature(create_causal_mask).parameters
+    return {"cache": None} if "cache" in params else {"past_key_values": None}
 
 
 class HFCLIPBackbone(nn.Module):
@@ -122,7 +131,10 @@ class HFCLIPBackbone(nn.Module):
         tm = self.model.text_model
         hidden = tm.embeddings(inputs_embeds=input_embeds)  # (B, L, w_t) with positions
         mask = create_causal_mask(
-            config=tm.config, inputs_embeds=hidden, attention_mask=tokens.attention_mask, past_key_values=None
+            config=tm.config,
+            inputs_embeds=hidden,
+            attention_mask=tokens.attention_mask,
+            **_no_cache(create_causal_mask),
         )
         states = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         states = tm.final_layer_norm(states)  # (B, L, w_t)
