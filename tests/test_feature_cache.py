@@ -381,7 +381,8 @@ def test_a_full_disk_fails_with_a_message_naming_the_file_and_leaves_no_temporar
     script = tmp_path / "worker.py"
     script.write_text(FULL_DISK_WORKER)
     mount = f"mount -t tmpfs -o size=256k none {tmp_path / 'cache'}"
-    run = f'{mount} && "{sys.executable}" {script} {tmp_path / "img"} {tmp_path / "cache"}; echo "rc=$?"; ls -aR {tmp_path / "cache"}'
+    encode = f'"{sys.executable}" {script} {tmp_path / "img"} {tmp_path / "cache"}'
+    run = f'{mount} && {encode}; echo "rc=$?"; ls -aR {tmp_path / "cache"}'
     done = subprocess.run(["unshare", "-Urm", "sh", "-c", run], capture_output=True, text=True, timeout=120)
     out = done.stdout
     assert "rc=1" in out, (out, done.stderr[-2000:])  # not 135 (SIGBUS)

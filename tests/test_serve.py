@@ -247,7 +247,8 @@ def test_a_decompression_bomb_upload_gets_413(client):
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 64)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     response = client.post("/api/search", files={"image": ("bomb.png", bomb)})
     assert response.status_code == 413, response.text
 
@@ -274,8 +275,6 @@ def test_an_indexed_file_replaced_since_is_not_served(tmp_path):
 def test_concurrent_thumbnail_requests_decode_once_and_a_few_at_a_time(tmp_path, monkeypatch):
     import threading
     import time
-
-    import cirlab.serve.app as app_module
 
     index = _small_index(tmp_path)
     for i in range(len(index)):  # big enough that decoding takes a moment

@@ -29,7 +29,9 @@ Processes may fill one cache concurrently: shard names are unique and a manifest
 under the lock. Processes asking for the same items share the work: each claims a chunk of items before encoding
 it, skips chunks another process has claimed, and at the end waits for those and encodes only what is still
 missing (``_EncodeRun``). When two of them computed the same image anyway, the shard committed first wins.
-Locking uses ``fcntl.flock`` (POSIX). One ``FeatureCache`` object is not thread-safe.
+Locking uses ``fcntl.flock`` (POSIX). One ``FeatureCache`` object is not thread-safe. Caches written by earlier
+cirlab versions read as before, but processes writing one cache at the same time must all run this version (an
+earlier writer renamed its files outside the lock, so they could be taken for a killed writer's leftovers).
 """
 
 from __future__ import annotations
