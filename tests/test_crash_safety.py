@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
@@ -221,3 +222,31 @@ def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "File too large" in done.stdout and str(tmp_path / "weights.bin") in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_torch_save_names_the_checkpoint(tmp_path):
+    """torch.save reports a full disk as a RuntimeError of its own naming no file; the error names the checkpoint."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -Urm to mount a small tmpfs")
+    (tmp_path / "run").mkdir()
+    code = (
+        "import sys, torch\n"
+        "from cirlab.io import atomic_path\n"
+        "try:\n"
+        f"    with atomic_path({str(tmp_path / 'run' / 'trainer_state.pt')!r}) as tmp:\n"
+        "        torch.save(torch.zeros(1 << 20), tmp)\n"
+        "except OSError as err:\n"
+        "    print(err)\n"
+        "    sys.exit(1)\n"
+    )
+    mount = f"mount -t tmpfs -o size=512k none {tmp_path / 'run'}"
+    run = f'{mount} && {sys.executable} -c "$CODE"; echo rc=$?; ls -a {tmp_path / "run"}'
+    done = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", run], env={**os.environ, "CODE": code}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert "rc=1" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert "No space left on device" in done.stdout and str(tmp_path / "run" / "trainer_state.pt") in done.stdout
+    assert ".tmp" not in done.stdout.split("rc=1")[1]

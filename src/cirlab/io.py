@@ -21,6 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+FULL_DISK_BYTES = 1 << 20
+"""Below this much free space a failed write is reported as a full disk, naming the file."""
+
 
 class LockHeldError(RuntimeError):
     """Another process holds a lock that this one was told not to wait for; the message names it."""
@@ -79,6 +82,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _disk_full(directory: Path) -> bool:
+    """Whether the filesystem holding ``directory`` has (almost) no space left for this process."""
+    try:
+        return os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def _naming(err: OSError, path: Path) -> OSError:
     """``err`` as an OSError naming ``path`` (the destination, not a temporary name nobody asked for)."""
     named = OSError(err.errno, err.strerror or str(err), str(path))
@@ -114,6 +125,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]
         tmp_path.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.filename in (None, str(tmp_path)):
             raise _naming(err, path) from err
+        if isinstance(err, Exception) and not isinstance(err, OSError) and _disk_full(path.parent):
+            # Writers such as torch.save and safetensors report a full disk in their own words, naming no file.
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(err).__name__}: {err})", str(path)) from err
         raise
 
 

@@ -127,9 +127,7 @@ def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> _Previou
     except IndexFormatError as err:
         log(f"ignoring the previous index ({err}); rebuilding from scratch")
         return _Previous()
-    undecodable = {
-        (u["path"], u["digest"]): u["error"] for u in old.manifest.get("unreadable", []) if u.get("digest")
-    }
+    undecodable = {(u["path"], u["digest"]): u["error"] for u in old.manifest.get("unreadable", []) if u.get("digest")}
     if old.manifest["model"].get("key") != model_key:
         log("the model changed since the previous build; embedding every image again")
         return _Previous(old.digests, None, undecodable)
