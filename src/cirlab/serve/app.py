@@ -101,12 +101,12 @@ class _Guard:
 
     @staticmethod
     async def _send_json(send: Any, status: int, detail: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        body = ('{"detail":' + _json_string(detail) + "}").encode()
+        body = json.dumps({"detail": detail}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _has_token(self, scope: dict, headers: dict[bytes, bytes]) -> bool:
+    def _has_token(self, headers: dict[bytes, bytes]) -> bool:
         token = self.token.encode()
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), token):
@@ -135,7 +135,7 @@ class _Guard:
             if netloc != host.lower():
                 await self._send_json(send, 403, "cross-origin request refused")
                 return
-        if self.token is not None and not self._has_token(scope, headers):
+        if self.token is not None and not self._has_token(headers):
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             given = query.get("token", [""])[0].encode()
             if path == "/" and method == "GET" and given and hmac.compare_digest(given, self.token.encode()):
@@ -162,10 +162,6 @@ class _Guard:
             await send(message)
 
         await self.app(scope, receive, guarded_send)
-
-
-def _json_string(text: str) -> str:
-    return json.dumps(text)
 
 
 class _BodyLimit:
@@ -359,8 +355,8 @@ def create_app(
         thumb_workers: thumbnails made at once.
         thumb_cache_items: thumbnails kept in memory.
     """
-    if token is not None and not token.strip():
-        raise ValueError("the token is empty")
+    if token is not None and (not token or not token.isprintable() or any(c in token for c in ' ;,"\\')):
+        raise ValueError("the token must be non-empty printable text without spaces, quotes, commas or semicolons")
     app = fastapi_offline.FastAPIOffline(
         title="cirlab search",
         description="Composed image retrieval over an indexed gallery: a reference image plus a modification text.",
