@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
 from cirlab.io import open_regular_file
 
@@ -57,8 +57,11 @@ def _eight_bit(im: Image.Image) -> Image.Image:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """A decoded image as upright 8-bit RGB (EXIF orientation applied, modes converted as the module says)."""
-    if im.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):  # exif_transpose copies even an upright image
-        im = ImageOps.exif_transpose(im)
+    try:
+        if im.getexif().get(ExifTags.Base.Orientation, 1) not in (0, 1):  # exif_transpose copies upright images too
+            im = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block (any parser error): the pixels are read as stored
+        pass
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = _eight_bit(im)
     return im if im.mode == "RGB" else im.convert("RGB")
@@ -94,7 +97,7 @@ def decode_image(source: BinaryIO | bytes, name: str, max_pixels: int | None = N
         raise ImageTooLargeError(f"{name}: refusing a possible decompression bomb ({err})") from None
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+    except Exception as err:  # any decoder failure (PIL plugins raise many kinds) is the file's fault
         if source.seek(0, os.SEEK_END) == 0:
             raise ImageReadError(f"{name}: cannot read image (the file is empty)") from None
         raise ImageReadError(f"{name}: cannot read image ({err})") from None
