@@ -156,6 +156,13 @@ class GalleryIndex:
         """The id of the committed generation in use."""
         return self._gen.generation
 
+    def changed(self) -> bool:
+        """Whether ``index.json`` changed since the generation in use was read (one ``stat``; see :meth:`refresh`)."""
+        try:
+            return _stamp(self.directory) != self._gen.stamp
+        except FileNotFoundError:
+            return False
+
     def refresh(self) -> bool:
         """Switches to a generation a rebuild committed since this one was read; returns whether it did.
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 from PIL import Image
 
 from cirlab._optional import require
@@ -49,7 +50,7 @@ from cirlab.features.hashing import hash_bytes
 fastapi = require("fastapi", extra="serve", purpose="cirlab serve")
 require("python_multipart", extra="serve", purpose="image uploads in cirlab serve")
 fastapi_offline = require("fastapi_offline", extra="serve", purpose="the API docs pages without a CDN")
-from fastapi import Depends, File, Form, HTTPException, Query, UploadFile  # noqa: E402
+from fastapi import File, Form, HTTPException, Query, UploadFile  # noqa: E402
 from fastapi.responses import HTMLResponse, Response, StreamingResponse  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
@@ -361,8 +362,8 @@ def create_app(
         title="cirlab search",
         description="Composed image retrieval over an indexed gallery: a reference image plus a modification text.",
         version="1",
-        dependencies=[Depends(lambda: _refresh(index))],
     )
+    app.add_middleware(_Refresh, index=index)
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
     app.add_middleware(_Guard, allowed_hosts=allowed_hosts, token=token)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -503,9 +504,24 @@ def create_app(
     return app
 
 
-def _refresh(index: Any) -> None:
-    """Switches to a generation a rebuild committed (a stat when nothing changed); a broken one is ignored."""
-    try:
-        index.refresh()
-    except Exception:  # the old generation stays in use; the next request tries again
-        return
+class _Refresh:
+    """ASGI middleware: before a request, switches to a generation a rebuild committed since the last one.
+
+    Checking costs one ``stat`` in the event loop; only a changed ``index.json`` is read, on a worker thread. A
+    generation that cannot be read is ignored (the one in use stays; the next request tries again).
+    """
+
+    def __init__(self, app: Any, index: Any) -> None:
+        self.app = app
+        self.index = index
+
+    def _reload(self) -> None:
+        try:
+            self.index.refresh()
+        except Exception:
+            return
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.index.changed():
+            await anyio.to_thread.run_sync(self._reload)
+        await self.app(scope, receive, send)
