@@ -132,6 +132,19 @@ class CIRMethod(nn.Module):
         """
         return False
 
+    def prepare_data(self, stage: str, images: Any) -> Any:
+        """Called by the trainer with ``stage``'s image table (``FeatureTable`` or pixels) before the stage trains;
+        returns the table the stage trains on (by default ``images`` itself). Batches of an ``images`` stage carry
+        ``batch["rows"]``, the rows of the returned table, so a method can keep per-image targets computed here
+        (SEARLE's OTI tokens)."""
+        return images
+
+    def fashioniq_caption_join(self) -> str:
+        """How the method reads a FashionIQ query's two captions: ``forward``, ``reverse`` or ``both`` (the two
+        orders' normalised queries averaged); empty: as the split was loaded. Read from ``config.fashioniq_join``
+        when the method's config has one."""
+        return str(getattr(self.config, "fashioniq_join", "") or "")
+
     def prepare_stage(self, stage: str) -> None:
         """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""
         trainable = {id(p) for p in self.trainable_parameters(stage)}
