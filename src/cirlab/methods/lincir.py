@@ -41,6 +41,7 @@ from cirlab.types import ImageFeatures
 
 # The parts of speech whose maximal runs LinCIR's loader masks (``extract_keywords_spacy``).
 MASKED_POS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
+RUN_CACHE_SIZE = 200_000
 
 
 @dataclass
@@ -107,6 +108,8 @@ class LinCIR(CIRMethod):
         """The runs of ``caption`` to mask, in order: maximal determiner/adjective/noun runs by the tagger, or the
         keyword runs (or words) of the stand-in; computed once per caption."""
         if caption not in self._runs:
+            if len(self._runs) >= RUN_CACHE_SIZE:
+                self._runs.clear()  # a corpus of millions of captions would otherwise keep every one
             if self.config.tagger:
                 runs, current = [], []
                 for token in self._tagger()(caption):

@@ -22,7 +22,8 @@ Every setting is a ``SearleConfig`` field whose default is the public code's (OT
 ``oti_images`` (distil from the OTI tokens of the first N training images only; SEARLE inverts all of them),
 ``first_placeholder_only``, the prompt and ``fashioniq_join``; where no language model's phrases are available, a
 template family of phrases stands in (``concepts.phrase_templates``, see ``cirlab.modules.oti``). The OTI teacher
-tokens are computed when the stage starts (``prepare_data``), not loaded from a file.
+tokens are computed when the stage starts (``prepare_data``), not loaded from a file; under ``torchrun`` every
+process inverts the same images (``oti_images`` bounds that cost).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cirlab.methods.base import CIRMethod, Stage, register_method
 from cirlab.modules.losses import nt_xent
 from cirlab.modules.mappers import SearlePhi
 from cirlab.modules.oti import ConceptBank, ConceptConfig, OTIConfig, oti_invert
-from cirlab.modules.pseudo_word import encode_with_pseudo, prompt_query, text_embeds
+from cirlab.modules.pseudo_word import encode_with_pseudo, prompt_query
 from cirlab.placeholder import DEFAULT_PROMPT
 from cirlab.types import ImageFeatures
 
@@ -136,7 +137,6 @@ class Searle(CIRMethod):
         for cands in bank.candidates(embeds.detach()):
             concept = cands[int(torch.randint(len(cands), (1,)))]
             pairs.append(bank.phrase_pair(concept, int(torch.randint(len(bank.phrases[concept]), (1,))), False))
-        with torch.no_grad():
-            target = text_embeds(self.backbone, [p for p, _ in pairs])  # (B, d)
+        target = bank.phrase_embeds([p for p, _ in pairs]).to(pseudo.device)  # (B, d)
         masked = encode_with_pseudo(self.backbone, [m for _, m in pairs], pseudo, self.config.first_placeholder_only)
         return (1 - (F.normalize(masked.embeds.float(), dim=-1) * target).sum(-1)).mean()

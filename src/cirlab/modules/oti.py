@@ -55,6 +55,9 @@ GENERIC_CONCEPTS: tuple[str, ...] = (
 )
 
 
+PHRASE_CACHE_SIZE = 50_000
+
+
 def _squash(text: str) -> str:
     """Single spaces (templates put the pseudo-word between spaces, as the reference's ``" $ "`` does)."""
     return " ".join(text.split())
@@ -183,6 +186,17 @@ class ConceptBank:
         if not self.usable.any():
             raise ValueError("no concept has phrases that contain it (check concepts.phrases_file)")
         self.top_k = config.top_k
+        self._backbone = backbone
+        # A small phrase set (a template family) is embedded once; a language model's (millions) on demand.
+        every = list(dict.fromkeys(p for options in phrases for p in options))
+        self._phrase_rows: dict[str, int] = {}
+        self._phrase_embeds: torch.Tensor | None = None
+        if len(every) <= PHRASE_CACHE_SIZE:
+            with torch.no_grad():
+                self._phrase_embeds = torch.cat(
+                    [text_embeds(backbone, every[s : s + 1024]) for s in range(0, len(every), 1024)]
+                )
+            self._phrase_rows = {p: i for i, p in enumerate(every)}
         prompts = [_squash(t.replace("{}", f" {n} ")) for n in names for t in config.templates]
         with torch.no_grad():
             each = torch.cat([text_embeds(backbone, prompts[s : s + 1024]) for s in range(0, len(prompts), 1024)])
@@ -200,6 +214,13 @@ class ConceptBank:
             kept = [c for c in row if self.usable[c]]
             out.append(kept or [best])
         return out
+
+    def phrase_embeds(self, phrases: list[str]) -> torch.Tensor:
+        """``norm(t(phrase))`` (B, d) of phrases of the bank, without gradient."""
+        if self._phrase_embeds is not None:
+            return self._phrase_embeds[torch.tensor([self._phrase_rows[p] for p in phrases])]
+        with torch.no_grad():
+            return text_embeds(self._backbone, phrases)
 
     def phrase_pair(self, concept: int, phrase: int, first_only: bool) -> tuple[str, str]:
         """``(phrase, phrase with its concept replaced by the placeholder)``; ``first_only`` replaces the first
@@ -260,8 +281,7 @@ def _invert_batch(
             cos_loss = 1 - (F.normalize(t_template, dim=-1) * target).sum(-1)  # (n,)
             loss = config.lambda_cos * cos_loss
             if config.lambda_gpt > 0:
-                with torch.no_grad():
-                    t_phrase = text_embeds(backbone, [p for p, _ in pairs])  # (n, d)
+                t_phrase = bank.phrase_embeds([p for p, _ in pairs]).to(v.device)  # (n, d)
                 t_masked = encode_with_pseudo(backbone, [m for _, m in pairs], token, first_only).embeds.float()
                 loss = loss + config.lambda_gpt * (1 - (F.normalize(t_masked, dim=-1) * t_phrase).sum(-1))
             (loss.sum() / weight).backward()
