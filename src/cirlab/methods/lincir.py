@@ -101,7 +101,13 @@ class LinCIR(CIRMethod):
     def _tagger(self):
         if self._nlp is None:
             spacy = require("spacy", extra="pos", purpose="LinCIR's part-of-speech masking (lincir.tagger)")
-            self._nlp = spacy.load(self.config.tagger)
+            try:
+                self._nlp = spacy.load(self.config.tagger)
+            except OSError as err:
+                raise OSError(
+                    f"lincir: cannot load the spaCy pipeline method.tagger={self.config.tagger!r} (install it, e.g. "
+                    f"`python -m spacy download en_core_web_sm`, or give a folder written by nlp.to_disk): {err}"
+                ) from err
         return self._nlp
 
     def masked_runs(self, caption: str) -> list[str]:
