@@ -231,7 +231,8 @@ def test_weights_of_another_method_are_refused_by_name(two_checkpoints, tiny_bac
         load_weights(searle, two_checkpoints["pic2word"])
     mixed = two_checkpoints["pic2word"]
     shutil.copy(two_checkpoints["searle"] / "model.safetensors", mixed / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensors"):
+    # Pic2Word's and SEARLE's mappers share tensor names; the shapes tell them apart.
+    with pytest.raises(ValueError, match=r"model\.safetensors: (missing tensors|tensors whose shapes do not fit)"):
         load_method(mixed, backbone=tiny_backbone)
 
 

@@ -241,6 +241,10 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    wrong = sorted(k for k in own if tuple(state[k].shape) != tuple(own[k].shape))
+    if wrong:
+        more = " ..." if len(wrong) > 5 else ""
+        raise ValueError(f"{weights}: tensors whose shapes do not fit {meta['method']}: {wrong[:5]}{more}")
     result = method.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{weights}: unexpected tensors {result.unexpected_keys[:5]}")
