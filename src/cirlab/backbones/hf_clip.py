@@ -107,6 +107,15 @@ class HFCLIPBackbone(nn.Module):
         device = self.model.logit_scale.device
         return TokenBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
+    def truncate(self, texts: list[str]) -> list[str]:
+        """``texts`` cut to the tokens the context holds (what ``encode_text`` reads of them), decoded back to text;
+        texts that fit are returned unchanged."""
+        keep = self.context_length - 2  # the start and end tokens take two places
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [
+            t if len(i) <= keep else self.tokenizer.decode(i[:keep]).strip() for t, i in zip(texts, ids, strict=True)
+        ]
+
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids, (B, L) -> (B, L, token_dim)."""
         return self.model.text_model.embeddings.token_embedding(input_ids)
