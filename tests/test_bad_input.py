@@ -164,13 +164,17 @@ def test_extreme_aspect_ratios_never_resize_to_a_huge_intermediate(monkeypatch):
             raise AssertionError(f"a {size} canvas: target padding is not bounded")
         return new(mode, size, *args, **kwargs)
 
+    strips = [
+        Image.fromarray(np.tile(np.arange(w, dtype=np.uint8)[None, :, None], (h, 1, 3)))
+        for w, h in [(1, 40_000), (40_000, 1), (7, 30_000), (224, 100_000)]
+    ]
     monkeypatch.setattr(Image.Image, "resize", bounded_resize)
     monkeypatch.setattr(Image, "new", bounded_new)
     # Target padding (CLIP4Cir's and SEARLE's 1.25) would pad a 1 x 40000 strip to a 32000 x 40000 canvas.
     for transform in (ImageTransform(size=224, resize_to=224), ImageTransform(size=224, resize_to=224, pad_ratio=1.25)):
-        for size in [(1, 40_000), (40_000, 1), (7, 30_000), (224, 100_000)]:
-            striped = Image.fromarray(np.tile(np.arange(size[0], dtype=np.uint8)[None, :, None], (size[1], 1, 3)))
-            assert transform.to_array(striped).shape == (3, 224, 224)
+        for strip in strips:
+            assert transform.to_array(strip).shape == (3, 224, 224)
+    monkeypatch.undo()
     transform = ImageTransform(size=224, resize_to=224)
     # Ordinary shapes keep CLIP's exact path: resize the short side, then crop.
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
