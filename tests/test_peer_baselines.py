@@ -346,3 +346,24 @@ def test_other_methods_train_on_the_stage_images_as_given(tiny_backbone):
     feats = FeatureTable(["x"], torch.randn(1, tiny_backbone.embed_dim))
     assert method.prepare_data("mapping", feats) is feats
     assert isinstance(feats.gather(torch.tensor([0])), ImageFeatures)
+
+
+def test_searle_phrase_loss_draws_from_the_top_150_concepts_as_train_phi_does(tiny_backbone, reachable):
+    """SEARLE's train_phi.py draws the phrase loss's concept from an image's top 150 (``--top-k-concepts``), OTI from
+    its top 15 (``--top-k``): the two pools differ."""
+    method = Searle(tiny_backbone)
+    assert method.config.top_k_concepts == 150 and method.config.concepts.top_k == 15
+    bank = method.concept_bank()
+    drawn = set()
+    pair = bank.phrase_pair
+
+    def recording(concept, phrase, first_only):
+        drawn.add(concept)
+        return pair(concept, phrase, first_only)
+
+    bank.phrase_pair = recording
+    image = reachable[:1].expand(64, -1)
+    for _ in range(8):
+        method._phrase_loss(image, torch.zeros(64, tiny_backbone.token_dim))
+    assert len(drawn) > bank.top_k, f"{len(drawn)} concepts drawn: only OTI's top {bank.top_k} were used"
+    assert drawn <= set(bank.candidates(image[:1], top_k=150)[0])

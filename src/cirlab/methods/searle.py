@@ -9,8 +9,9 @@ Linear(4d, 4d)-GELU-Dropout, Linear(4d, w_t)) maps the *raw* CLIP image embeddin
   ``contrastive_loss``), the teacher tokens precomputed by OTI (``cirlab.modules.oti``; the EMA tokens) over the
   training images;
 * ``lambda_gpt`` (0.75, the README's and the script's default) ``* (1 - cos(t(phrase with its concept := phi(v)),
-  t(phrase)))`` for a random concept among the image's top 15 and a random phrase of it, every occurrence of the
-  concept replaced by ``$`` but the token spliced at the first only (``src/encode_with_pseudo_tokens.py``).
+  t(phrase)))`` for a random concept among the image's top 150 (``--top-k-concepts``; OTI's teacher keeps 15) and
+  a random phrase of it, every occurrence of the concept replaced by ``$`` but the token spliced at the first only
+  (``src/encode_with_pseudo_tokens.py``).
 
 AdamW at a constant lr 1e-4, weight decay 0.01 on every parameter, no gradient clipping, batch 256 (``TrainConfig``
 fields, set by the ``imagenet-vitl14`` preset, which also names ``targetpad`` preprocessing). Inference
@@ -52,6 +53,7 @@ class SearleConfig:
     lambda_distil: weight of the distillation loss. lambda_gpt: weight of the phrase loss.
     oti_images: distil from the first N training images' OTI tokens (0: every image).
     oti: the teacher's OTI settings. concepts: concept vocabulary and phrases (teacher and phrase loss).
+    top_k_concepts: the phrase loss draws its concept from the image's top N (``concepts.top_k`` is OTI's).
     prompt: query prompt (``{text}`` = modification). first_placeholder_only: splice the token at the first ``$``.
     fashioniq_join: FashionIQ caption order (``both``: the two orders' normalised queries averaged).
     """
@@ -65,6 +67,7 @@ class SearleConfig:
     oti_images: int = 0
     oti: OTIConfig = field(default_factory=OTIConfig)
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
+    top_k_concepts: int = 150
     prompt: str = DEFAULT_PROMPT
     first_placeholder_only: bool = True
     fashioniq_join: str = "both"
@@ -134,7 +137,7 @@ class Searle(CIRMethod):
         """``1 - cos(t(phrase with its concept := s), t(phrase))``, one random concept and phrase per image."""
         bank = self.concept_bank()
         pairs = []
-        for cands in bank.candidates(embeds.detach()):
+        for cands in bank.candidates(embeds.detach(), self.config.top_k_concepts):
             concept = cands[int(torch.randint(len(cands), (1,)))]
             pairs.append(bank.phrase_pair(concept, int(torch.randint(len(bank.phrases[concept]), (1,))), False))
         target = bank.phrase_embeds([p for p, _ in pairs]).to(pseudo.device)  # (B, d)

@@ -73,7 +73,7 @@ class ConceptConfig:
             ``data/oidv7-class-descriptions.csv``).
         templates: prompt templates (``{}`` = the concept) whose normalised text embeddings are averaged to embed
             a concept.
-        top_k: concepts kept per image (SEARLE: 15).
+        top_k: concepts kept per image for OTI (``oti_inversion.py --top-k``: 15).
         phrases_file: JSON object concept -> list of phrases (language-model continuations; SEARLE's are those of
             GPT-Neo 2.7B for ``"a photo of {concept} that"``). Empty: ``phrase_templates``.
         phrase_templates: the stand-in phrase family (``{concept}`` = the concept) when there is no phrase file.
@@ -203,11 +203,12 @@ class ConceptBank:
         # Each concept: the mean of its templates' normalised embeddings, normalised again.
         self.embeds = F.normalize(each.view(len(names), len(config.templates), -1).mean(1), dim=-1)  # (C, d)
 
-    def candidates(self, image_embeds: torch.Tensor) -> list[list[int]]:
-        """Per image, the usable concepts among its ``top_k`` nearest (the nearest usable one when none is)."""
+    def candidates(self, image_embeds: torch.Tensor, top_k: int | None = None) -> list[list[int]]:
+        """Per image, the usable concepts among its ``top_k`` nearest (default: the bank's ``top_k``; the nearest
+        usable one when none is)."""
         v = F.normalize(image_embeds.float(), dim=-1)
         sims = v @ self.embeds.to(v.device).t()  # (B, C)
-        top = sims.topk(min(self.top_k, sims.shape[1]), dim=1).indices.cpu()
+        top = sims.topk(min(top_k or self.top_k, sims.shape[1]), dim=1).indices.cpu()
         best_usable = sims.cpu().masked_fill(~self.usable, float("-inf")).argmax(dim=1)
         out = []
         for row, best in zip(top.tolist(), best_usable.tolist(), strict=True):
