@@ -367,3 +367,20 @@ def test_searle_phrase_loss_draws_from_the_top_150_concepts_as_train_phi_does(ti
         method._phrase_loss(image, torch.zeros(64, tiny_backbone.token_dim))
     assert len(drawn) > bank.top_k, f"{len(drawn)} concepts drawn: only OTI's top {bank.top_k} were used"
     assert drawn <= set(bank.candidates(image[:1], top_k=150)[0])
+
+
+def test_pic2word_splices_the_token_at_the_prompts_placeholder_only(tiny_backbone):
+    """IM2TEXT's encode_text_img_retrieval inserts the token at the first placeholder; a "$" in the modification
+    text is an ordinary word there."""
+    from cirlab.modules.pseudo_word import prompt_query
+
+    method = Pic2Word(tiny_backbone).eval()
+    reference = ImageFeatures(torch.randn(1, tiny_backbone.embed_dim), None)
+    texts = ["costs $ 5 less"]
+    with torch.no_grad():
+        pseudo = method.phi(method.phi_input(reference.embeds))
+        first = prompt_query(tiny_backbone, method.config.prompt, texts, pseudo, first_only=True)
+        every = prompt_query(tiny_backbone, method.config.prompt, texts, pseudo)
+        got = method.compose(reference, texts)
+    assert not torch.allclose(first, every)
+    torch.testing.assert_close(got, first)

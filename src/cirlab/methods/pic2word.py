@@ -5,14 +5,17 @@ Known (public code, github.com/google-research/composed_image_retrieval): a mapp
 CLIP image embedding into a pseudo-word ``s = phi(v)``; it is trained on unlabeled images only
 (``src/trainer.py``: ``get_loss_img2text``) with CLIP's symmetric contrastive loss between ``t("a photo of $")``
 (``$ := s``) and ``v`` at CLIP's own temperature, the backbone frozen. Inference (``src/data.py``):
-``q = t("a photo of $ , {text}")``; FashionIQ joins the captions in reverse order (``"{c2} and {c1}"``).
+``q = t("a photo of $ , {text}")``, the token inserted at the prompt's placeholder only (``model/model.py``
+``encode_text_img_retrieval``: the first ``*``; a ``$`` in the modification text stays a word); FashionIQ joins the
+captions in reverse order (``"{c2} and {c1}"``).
 Optimiser (``src/main.py``, ``src/params.py`` and the README command): AdamW, betas (0.9, 0.98), eps 1e-6, weight
 decay 0.1 except on biases and norms, lr 1e-4, 10,000 warm-up steps then cosine, no gradient clipping (those are
 ``TrainConfig`` fields, set by the ``cc3m-vitl14`` preset).
 
 Every setting is a ``Pic2WordConfig`` field whose default is the public code's. Departures available as fields:
 ``normalize_input`` (feed ``phi`` the L2-normalised embedding instead of the raw one), ``temperature`` (a fixed
-temperature instead of CLIP's), ``layers`` / ``hidden`` / ``dropout``, the prompts and ``fashioniq_join``.
+temperature instead of CLIP's), ``layers`` / ``hidden`` / ``dropout``, ``first_placeholder_only``, the prompts and
+``fashioniq_join``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Pic2WordConfig:
     train_prompt: prompt read during training. prompt: query prompt at inference (``{text}`` = modification).
     temperature: InfoNCE temperature; <= 0 uses the backbone's learned CLIP temperature.
     normalize_input: feed ``phi`` the L2-normalised image embedding (the public code feeds the raw one).
+    first_placeholder_only: splice the token at the first ``$`` of the query only (False: every ``$``, including
+        any in the modification text).
     fashioniq_join: FashionIQ caption order of the query text (the public code: ``reverse``).
     """
 
@@ -47,6 +52,7 @@ class Pic2WordConfig:
     prompt: str = "a photo of $ , {text}"
     temperature: float = 0.0
     normalize_input: bool = False
+    first_placeholder_only: bool = True
     fashioniq_join: str = "reverse"
 
 
@@ -69,7 +75,7 @@ class Pic2Word(CIRMethod):
 
     def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
         pseudo = self.phi(self.phi_input(reference.embeds))  # (B, w_t)
-        return prompt_query(self.backbone, self.config.prompt, texts, pseudo)
+        return prompt_query(self.backbone, self.config.prompt, texts, pseudo, self.config.first_placeholder_only)
 
     def trainable_parameters(self, stage: str) -> list[torch.nn.Parameter]:
         self.stage(stage)
