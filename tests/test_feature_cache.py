@@ -427,3 +427,37 @@ def test_concurrent_runs_over_the_same_images_share_the_encoding(tmp_path):
     counts = [int(out.read_text()) for out in outs]
     assert sum(counts) == len(paths), f"the two runs encoded {counts} of {len(paths)} images"
     assert not temporaries(tmp_path / "cache") and not list((tmp_path / "cache" / KEY / "claims").iterdir())
+
+
+MANY_SHARDS_WORKER = """
+import os, resource, sys
+import numpy as np
+import cirlab.features.cache as cache_module
+from cirlab.features import FeatureCache
+
+root, n = sys.argv[1], int(sys.argv[2])
+cache_module.OPEN_MAPS = 16
+keys = [f"item-{i}" for i in range(n)]
+encode = lambda pos: np.array(pos, np.float32)[:, None] + np.arange(8, dtype=np.float32)  # row i: i .. i + 7
+FeatureCache(root, commit_seconds=0.0).get_or_compute_keys(keys, "k", encode, batch_size=1)  # one shard per item
+free = len(os.listdir("/proc/self/fd")) + n // 2  # fewer descriptors left than there are shards
+resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+feats = FeatureCache(root).get_or_compute_keys(keys, "k", lambda pos: 1 / 0)
+np.testing.assert_array_equal(feats.embeds, encode(list(range(n))))
+np.testing.assert_array_equal(feats.take("embeds", [n - 1, 0]), encode([n - 1, 0]))
+print("ok")
+"""
+
+
+def test_a_cache_of_many_small_shards_is_read_within_the_file_descriptor_limit(tmp_path):
+    """Commits every few seconds make many shards; each memory map holds a descriptor, so reading them all at once
+    ran out of descriptors ("Too many open files") once a cache held more shards than the limit allows."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(MANY_SHARDS_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache"), "120"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

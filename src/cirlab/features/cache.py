@@ -43,6 +43,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -66,6 +67,10 @@ COMMIT_SECONDS = 10.0
 
 CLAIM_ITEMS = 256
 """Average items per claimed chunk when processes share the encoding (see ``claim_chunks``)."""
+
+OPEN_MAPS = 256
+"""Shard arrays one encoder key keeps memory-mapped at once. Each map holds a file descriptor, and commits every
+``COMMIT_SECONDS`` make many small shards, so the least recently used maps are let go beyond this."""
 
 READ_BLOCK_BYTES = 64 << 20
 """Bytes gathered from a shard per step when assembling features, bounding temporary memory."""
@@ -154,7 +159,7 @@ class _Namespace:
         self.arrays: dict[str, tuple[int, ...]] = {}
         self.shards: list[dict[str, Any]] = []
         self.index: dict[str, tuple[int, int]] = {}
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # at most OPEN_MAPS, LRU
         self._cleaned = False
 
     @property
@@ -249,11 +254,16 @@ class _Namespace:
 
     def memmap(self, pos: int, name: str) -> np.ndarray:
         """Read-only memory map of array ``name`` of the shard at manifest position ``pos``, (rows, *shape)."""
-        if (pos, name) not in self._maps:
-            entry = self.shards[pos]
-            full = np.load(self.shard_dir / f"{entry['id']}.{name}.npy", mmap_mode="r")
-            self._maps[pos, name] = full[: entry["rows"]]
-        return self._maps[pos, name]
+        mm = self._maps.get((pos, name))
+        if mm is not None:
+            self._maps.move_to_end((pos, name))
+            return mm
+        entry = self.shards[pos]
+        full = np.load(self.shard_dir / f"{entry['id']}.{name}.npy", mmap_mode="r")
+        mm = self._maps[pos, name] = full[: entry["rows"]]
+        while len(self._maps) > OPEN_MAPS:
+            self._maps.popitem(last=False)  # its descriptor closes once no caller holds a view of it
+        return mm
 
 
 def _held_by_a_live_writer(path: Path) -> bool:
