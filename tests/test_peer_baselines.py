@@ -384,3 +384,14 @@ def test_pic2word_splices_the_token_at_the_prompts_placeholder_only(tiny_backbon
         got = method.compose(reference, texts)
     assert not torch.allclose(first, every)
     torch.testing.assert_close(got, first)
+
+
+def test_lincir_masks_with_a_placeholder_that_punctuation_cannot_swallow(tiny_backbone):
+    """LinCIR inserts "[$]", a token of its own, so "[$]." still holds it; CLIP's BPE merges "$." and "$)" into one
+    token that is not the placeholder, so a bare "$" next to punctuation lost it (and the caption fell back to
+    "a photo of $"). The placeholder must stand as a word of its own."""
+    method = LinCIR(tiny_backbone, LinCIRConfig(keywords=["dog", "park", "cat", "kitten"]))
+    for caption, want in [("a dog in the park.", "$ in $ ."), ("a cat (a kitten)", "$ ( $ )")]:
+        masked = method.mask_keywords(caption)
+        assert masked == want, masked
+        assert all(word == "$" or "$" not in word for word in masked.split()), masked

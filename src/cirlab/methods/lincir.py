@@ -133,17 +133,21 @@ class LinCIR(CIRMethod):
     def mask_keywords(self, caption: str, generator: torch.Generator | None = None) -> str:
         """``caption`` (already cleaned) with each masked run replaced by the placeholder, as LinCIR's loader does:
         run by run, by string replacement; at the first run that is empty or not in the caption (or when there is no
-        run), one random word is replaced instead and the remaining runs are skipped."""
-        masked = caption
+        run), one random word is replaced instead and the remaining runs are skipped.
+
+        The placeholder is inserted as a word of its own (spaces around it, then collapsed): LinCIR inserts ``[$]``,
+        a token of its own, whereas CLIP's BPE merges a bare ``$`` with the punctuation after it (``$.``, ``$)``)
+        into a token that is not the placeholder."""
+        masked, word_placeholder = caption, f" {PLACEHOLDER} "
         for run in self.masked_runs(caption) or [""]:
             if run and run in caption:
-                masked = masked.replace(run, PLACEHOLDER)
+                masked = masked.replace(run, word_placeholder)
                 continue
             words = caption.split(" ")
             word = words[int(torch.randint(len(words), (1,), generator=generator))]
-            masked = masked.replace(word, PLACEHOLDER) if word else f"{PLACEHOLDER} {masked}"
+            masked = masked.replace(word, word_placeholder) if word else f"{PLACEHOLDER} {masked}"
             break
-        return masked
+        return " ".join(masked.split())
 
     def clean(self, captions: list[str]) -> list[str]:
         """Lower-cased, literal placeholders removed, stripped, then cut to the text encoder's context."""
