@@ -79,14 +79,33 @@ def split_features(
     return FeatureTable(names, embeds, tokens)
 
 
+def method_view(method: Any, split: CIRSplit) -> CIRSplit:
+    """``split`` as ``method`` reads it: a FashionIQ split re-joined by the method's caption convention
+    (``CIRMethod.fashioniq_caption_join``, e.g. Pic2Word's reversed order); any other split unchanged."""
+    join = method.fashioniq_caption_join() if hasattr(method, "fashioniq_caption_join") else ""
+    if split.dataset != "fashioniq" or not join:
+        return split
+    from cirlab.data.fashioniq import with_caption_join
+
+    return with_caption_join(split, join)
+
+
 @torch.no_grad()
 def compose_queries(method: Any, split: CIRSplit, features: FeatureTable, batch_size: int = 256) -> torch.Tensor:
-    """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``."""
+    """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``.
+
+    A query with several ``extra["text_variants"]`` (FashionIQ's two caption orders) is the normalised mean of the
+    normalised queries composed with each variant, as SEARLE and LinCIR average them.
+    """
     out = []
     for start in range(0, len(split.queries), batch_size):
         chunk = split.queries[start : start + batch_size]
-        ref = features.gather(features.rows([q.reference for q in chunk]))
-        out.append(method.compose(ref, [q.text for q in chunk]).float().cpu())
+        texts = [q.extra.get("text_variants") or [q.text] for q in chunk]
+        owner = torch.tensor([i for i, variants in enumerate(texts) for _ in variants])  # (V,) query of each text
+        refs = [q.reference for q, variants in zip(chunk, texts, strict=True) for _ in variants]
+        ref = features.gather(features.rows(refs))
+        composed = F.normalize(method.compose(ref, [t for v in texts for t in v]).float().cpu(), dim=-1)  # (V, d)
+        out.append(torch.zeros(len(chunk), composed.shape[1]).index_add_(0, owner, composed))
     return F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
 
@@ -119,6 +138,7 @@ def predict_scores(
     validation, test evaluation and test-server submissions."""
     was_training = method.training
     method.eval()
+    split = method_view(method, split)
     try:
         if features is None:
             features = split_features(method, split, cache=cache)
@@ -147,6 +167,7 @@ def evaluate(
         cache: a ``FeatureCache`` used when ``features`` is None and the image encoder is frozen.
     """
     t0 = time.perf_counter()
+    split = method_view(method, split)
     scores = predict_scores(method, split, features, batch_size, cache)
     metrics = evaluate_scores(split, scores)
     parts = {

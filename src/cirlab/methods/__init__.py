@@ -8,6 +8,7 @@ from cirlab.methods import (  # noqa: F401  (registration)
     map_to_compose,
     pic2word,
     searle,
+    searle_oti,
     tmcir,
 )
 from cirlab.methods.base import CIRMethod, Stage, create_method, load_method, register_method

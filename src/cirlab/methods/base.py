@@ -132,6 +132,19 @@ class CIRMethod(nn.Module):
         """
         return False
 
+    def prepare_data(self, stage: str, images: Any) -> Any:
+        """Called by the trainer with ``stage``'s image table (``FeatureTable`` or pixels) before the stage trains;
+        returns the table the stage trains on (by default ``images`` itself). Batches of an ``images`` stage carry
+        ``batch["rows"]``, the rows of the returned table, so a method can keep per-image targets computed here
+        (SEARLE's OTI tokens)."""
+        return images
+
+    def fashioniq_caption_join(self) -> str:
+        """How the method reads a FashionIQ query's two captions: ``forward``, ``reverse`` or ``both`` (the two
+        orders' normalised queries averaged); empty: as the split was loaded. Read from ``config.fashioniq_join``
+        when the method's config has one."""
+        return str(getattr(self.config, "fashioniq_join", "") or "")
+
     def prepare_stage(self, stage: str) -> None:
         """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""
         trainable = {id(p) for p in self.trainable_parameters(stage)}
@@ -228,6 +241,10 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    wrong = sorted(k for k in own if tuple(state[k].shape) != tuple(own[k].shape))
+    if wrong:
+        more = " ..." if len(wrong) > 5 else ""
+        raise ValueError(f"{weights}: tensors whose shapes do not fit {meta['method']}: {wrong[:5]}{more}")
     result = method.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{weights}: unexpected tensors {result.unexpected_keys[:5]}")
