@@ -41,7 +41,7 @@ def shapes_clip_model() -> SmallCLIPConfig:
     """The Shapes CLIP's architecture (64 px; see docs/RESULTS.md for how it was chosen)."""
     return SmallCLIPConfig(
         image_size=64,
-        patch_size=8,
+        patch_size=21,
         vision_width=128,
         vision_layers=2,
         vision_heads=4,
@@ -53,6 +53,7 @@ def shapes_clip_model() -> SmallCLIPConfig:
         vocab_size=1000,
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
+        vision_position_init=0.5,
     )
 
 
@@ -74,7 +75,7 @@ class CLIPPretrainConfig:
     model: SmallCLIPConfig = field(default_factory=shapes_clip_model)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=4000, batch_size=256, lr=5e-4, weight_decay=0.1, eval_every=1000, log_every=50
+            steps=3000, batch_size=256, lr=5e-4, weight_decay=0.1, eval_every=500, log_every=50
         )
     )
     group: int = 4
