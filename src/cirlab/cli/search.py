@@ -18,12 +18,17 @@ index_app = typer.Typer(
 
 
 def default_backbone(root: Path = SHAPES_ROOT) -> str:
-    """The Shapes world's CLIP when one has been built under ``root`` (the newest), else a clear error."""
+    """The Shapes CLIP that ships with cirlab (the one the demo uses), else the newest one built under ``root``,
+    else a clear error."""
+    from cirlab.backbones.shapes_clip import shipped_dir
+
+    if (shipped_dir() / "config.json").is_file():
+        return "shapes-clip"
     built = sorted(root.glob("clip-*/best/config.json"), key=lambda p: p.stat().st_mtime)
     if built:
         return f"hf-clip:{built[-1].parent}"
     raise typer.BadParameter(
-        f"no backbone given and no Shapes CLIP under {root}/ (build one with `cirlab demo --quick`); "
+        f"no backbone given, no shipped Shapes CLIP and none under {root}/ (build one with `cirlab demo --quick`); "
         "pass --backbone hf-clip:<hub id or model dir>, e.g. hf-clip:openai/clip-vit-base-patch32",
         param_hint="--backbone",
     )
