@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,23 @@ def _no_cache(create_causal_mask: Any) -> dict[str, None]:
     which filled a server's log with one warning per query."""
     params = inspect.signature(create_causal_mask).parameters
     return {"cache": None} if "cache" in params else {"past_key_values": None}
+
+
+@contextmanager
+def _local_bars_off(local: bool) -> Iterator[None]:
+    """Turns transformers' progress bars off while a local directory is read or written: it draws one per load and
+    save ("Loading weights", "Writing model shards") that finishes in milliseconds and only fills logs, once per
+    trained run of a study. Hub downloads keep their bars. The previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = local and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 class HFCLIPBackbone(nn.Module):
@@ -201,8 +219,9 @@ class HFCLIPBackbone(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = create_temp_dir(path.parent, f".{path.name}.")
         try:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+            with _local_bars_off(True):
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.image_transform.to_hf_config(), indent=2))
             replace_dir(tmp, path)
         except BaseException:
@@ -227,8 +246,9 @@ class HFCLIPBackbone(nn.Module):
         if local.is_dir() and not (local / "config.json").is_file():
             raise FileNotFoundError(f"{name_or_path}: not a model directory (no config.json)")
         try:
-            model = CLIPModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, **hub_kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
+            with _local_bars_off(local.is_dir()):
+                model = CLIPModel.from_pretrained(name_or_path, dtype=dtype or torch.float32, **hub_kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs)
         except OSError as err:
             raise OSError(f"cannot load CLIP weights from {name_or_path!r}: {err}") from err
         try:
