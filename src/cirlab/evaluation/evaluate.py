@@ -19,7 +19,8 @@ from cirlab.data.benchmark import CIRSplit
 from cirlab.data.images import load_image
 from cirlab.evaluation.protocols import evaluate_scores
 from cirlab.features.table import FeatureTable
-from cirlab.types import ImageFeatures
+from cirlab.methods.base import compose_with_context, needs_context
+from cirlab.types import ImageFeatures, QueryContext, ReferenceImage
 
 
 @dataclass
@@ -80,13 +81,36 @@ def split_features(
 
 
 @torch.no_grad()
-def compose_queries(method: Any, split: CIRSplit, features: FeatureTable, batch_size: int = 256) -> torch.Tensor:
-    """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``."""
+def compose_queries(
+    method: Any,
+    split: CIRSplit,
+    features: FeatureTable,
+    batch_size: int = 256,
+    gallery: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``.
+
+    A method that reads the reference images gets them (files of the split, digested once each); one that reads
+    the gallery gets ``gallery`` (computed here from ``features`` when not given).
+    """
+    if getattr(method, "reads_gallery", False) and gallery is None:
+        gallery = gallery_embeddings(method, split, features)
+    images: dict[str, ReferenceImage] = {}
     out = []
     for start in range(0, len(split.queries), batch_size):
         chunk = split.queries[start : start + batch_size]
         ref = features.gather(features.rows([q.reference for q in chunk]))
-        out.append(method.compose(ref, [q.text for q in chunk]).float().cpu())
+        context = None
+        if needs_context(method):
+            if method.reads_reference_images:
+                for q in chunk:
+                    if q.reference not in images:
+                        images[q.reference] = ReferenceImage.from_path(split.image_path(q.reference))
+            context = QueryContext(
+                images=[images[q.reference] for q in chunk] if method.reads_reference_images else None,
+                gallery=gallery,
+            )
+        out.append(compose_with_context(method, ref, [q.text for q in chunk], context).float().cpu())
     return F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
 
@@ -122,8 +146,9 @@ def predict_scores(
     try:
         if features is None:
             features = split_features(method, split, cache=cache)
-        queries = compose_queries(method, split, features, batch_size)
-        return score_matrix(queries, gallery_embeddings(method, split, features))
+        gallery = gallery_embeddings(method, split, features)
+        queries = compose_queries(method, split, features, batch_size, gallery=gallery)
+        return score_matrix(queries, gallery)
     finally:
         method.train(was_training)
 

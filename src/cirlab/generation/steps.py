@@ -93,7 +93,8 @@ def relevance_weights(
     best = edited.new_zeros(b * n, 0)
     for start in range(0, int(gallery.shape[0]), GALLERY_CHUNK):
         block = gallery[start : start + GALLERY_CHUNK]
-        block = torch.as_tensor(np.asarray(block) if not isinstance(block, torch.Tensor) else block)
+        if not isinstance(block, torch.Tensor):
+            block = torch.from_numpy(np.array(block, dtype=np.float32))  # a copy: memory-mapped rows are read-only
         sims = (pair @ block.to(pair.device, pair.dtype).t()).reshape(b * n, 2, -1)  # (B n, 2, chunk)
         drops = (sims[:, 0] - sims[:, 1]).clamp(min=0)  # (B n, chunk)
         both = torch.cat([best, drops], dim=1)

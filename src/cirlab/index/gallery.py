@@ -27,10 +27,12 @@ from PIL import Image
 from cirlab.data.images import ImageReadError, load_image
 from cirlab.evaluation.search import topk_inner_product
 from cirlab.features.hashing import hash_bytes, hash_file
+from cirlab.generation.cache import TextCache
 from cirlab.index.ann import ann_search, read_ann
-from cirlab.index.model import TRAINING_FREE, load_model, shares_backbone_space
+from cirlab.index.model import load_model, shares_backbone_space, training_free_methods
 from cirlab.index.store import describe, read_generation
-from cirlab.methods.base import CIRMethod, create_method
+from cirlab.methods.base import CIRMethod, compose_with_context, create_method, needs_context
+from cirlab.types import QueryContext, ReferenceImage
 
 ImageInput = str | os.PathLike | Image.Image | bytes | int
 """A reference image: a file path (a gallery image's indexed path works too), a PIL image, encoded bytes, or a
@@ -68,8 +70,16 @@ class Hit:
 class GalleryIndex:
     """An index loaded from ``INDEX_DIR`` (see ``cirlab.index.store`` for the layout)."""
 
-    def __init__(self, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, directory: str | os.PathLike, device: str | torch.device = "cpu", text_cache: TextCache | None = None
+    ) -> None:
         """Loads the committed generation of ``directory``; the model is built on first use.
+
+        Args:
+            directory: the index directory.
+            device: where the model runs.
+            text_cache: where methods that generate texts (captions, rewrites) look them up and record them
+                (default: in memory, per method).
 
         Raises:
             cirlab.index.store.IndexFormatError: naming the file that is missing or malformed.
@@ -89,6 +99,7 @@ class GalleryIndex:
             self._by_digest.setdefault(d, []).append(i)
         self._lock = threading.RLock()
         self._methods: dict[str, CIRMethod] = {}
+        self.text_cache = text_cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -111,7 +122,7 @@ class GalleryIndex:
         """Methods that can query this gallery: its own, plus the training-free ones when they share its space."""
         with self._lock:
             own = self.method
-            extra = [m for m in TRAINING_FREE if m != own.name] if shares_backbone_space(own) else []
+            extra = [m for m in training_free_methods() if m != own.name] if shares_backbone_space(own) else []
         return [own.name, *extra]
 
     def _get_method(self, name: str) -> CIRMethod:
@@ -124,17 +135,19 @@ class GalleryIndex:
                     self._methods[name] = create_method(name, self.method.backbone).to(self.device).eval()
                 else:
                     raise ValueError(f"method {name!r} cannot query this index; choose one of {self.methods()}")
+                if self.text_cache is not None and self._methods[name].text_cache is not None:
+                    self._methods[name].text_cache = self.text_cache
             return self._methods[name]
 
     # -- queries ---------------------------------------------------------------------------------------------------
-    def _reference(self, image: ImageInput) -> tuple[Image.Image, list[int]]:
-        """Decodes a reference image and finds the gallery ids holding the same bytes."""
+    def _reference(self, image: ImageInput) -> tuple[ReferenceImage, list[int]]:
+        """Decodes a reference image (with its content digest) and finds the gallery ids holding the same bytes."""
         if isinstance(image, int | np.integer):
             if not 0 <= int(image) < len(self):
                 raise IndexError(f"gallery id {int(image)} out of range (0..{len(self) - 1})")
             image = self.root / self.paths[int(image)]
         if isinstance(image, Image.Image):
-            return image.convert("RGB"), []
+            return ReferenceImage.from_image(image), []
         if isinstance(image, bytes):
             try:
                 with Image.open(io.BytesIO(image)) as im:
@@ -142,12 +155,14 @@ class GalleryIndex:
                     decoded = im.convert("RGB")
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 raise ImageReadError(f"reference image: cannot read image ({err})") from None
-            return decoded, self._by_digest.get(hash_bytes(image), [])
+            digest = hash_bytes(image)
+            return ReferenceImage(digest, image=decoded), self._by_digest.get(digest, [])
         path = Path(image)
         if not path.is_file() and path.as_posix() in self._by_path:
             path = self.root / path  # an indexed path, relative to the gallery root
         picture = load_image(path)
-        return picture, self._by_digest.get(hash_file(path), [])
+        digest = hash_file(path)
+        return ReferenceImage(digest, path=path, image=picture), self._by_digest.get(digest, [])
 
     @torch.no_grad()
     def compose(self, image: ImageInput, text: str, method: str | None = None) -> Query:
@@ -163,12 +178,16 @@ class GalleryIndex:
             cirlab.data.images.ImageReadError: the reference cannot be read (the message names it).
             ValueError: a method that cannot query this index.
         """
-        picture, exclude = self._reference(image)
+        reference, exclude = self._reference(image)
         name = method or self.method_name
         with self._lock:
             model = self._get_method(name)
-            pixels = model.backbone.preprocess([picture])  # (1, 3, S, S)
-            vector = model.compose(model.encode_images(pixels), [text])  # (1, d)
+            pixels = model.backbone.preprocess([reference.load()])  # (1, 3, S, S)
+            context = None
+            if needs_context(model):
+                # The gallery's embeddings are the index's own: the method's retrieval space, L2-normalised.
+                context = QueryContext(images=[reference], gallery=self.embeddings)
+            vector = compose_with_context(model, model.encode_images(pixels), [text], context)  # (1, d)
         vector = torch.nn.functional.normalize(vector.float(), dim=-1).cpu().numpy()[0]
         return Query(vector.astype(np.float32), name, text, exclude)
 
@@ -234,6 +253,9 @@ class GalleryIndex:
         return describe(self.manifest)
 
 
-def load_index(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GalleryIndex:
-    """Loads a gallery index written by ``cirlab index build`` (or ``cirlab.index.build_index``)."""
-    return GalleryIndex(directory, device)
+def load_index(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", text_cache: TextCache | None = None
+) -> GalleryIndex:
+    """Loads a gallery index written by ``cirlab index build`` (or ``cirlab.index.build_index``); ``text_cache``
+    serves the methods that generate texts (see ``GalleryIndex``)."""
+    return GalleryIndex(directory, device, text_cache)
