@@ -117,8 +117,18 @@ class TransformersGenerator:
             return []
         self.load()
         if not sampling.do_sample:
+            # Greedy and beam-search answers do not depend on the batch, so requests may be batched in any order:
+            # one that groups similar requests (``_order``) wastes less on padding or on splitting batches.
+            order = sorted(range(len(requests)), key=lambda i: self._order(requests[i]))
             step = max(1, self.options.batch_size)
-            return [out for s in range(0, len(requests), step) for out in self._batch(requests[s : s + step], sampling)]
+            ordered = [requests[i] for i in order]
+            answers = [
+                out for s in range(0, len(ordered), step) for out in self._batch(ordered[s : s + step], sampling)
+            ]
+            out: list[list[str]] = [[] for _ in requests]
+            for i, answer in zip(order, answers, strict=True):
+                out[i] = answer
+            return out
         out = []
         devices = [self.device] if self.device.type == "cuda" else []
         for request, seed in zip(requests, seeds, strict=True):
@@ -129,6 +139,10 @@ class TransformersGenerator:
 
     def _batch(self, requests: Sequence[Request], sampling: SamplingConfig) -> list[list[str]]:
         raise NotImplementedError
+
+    def _order(self, request: Request) -> int:
+        """Sort key of a request when batching (default: keep the given order)."""
+        return 0
 
     def _generate(self, inputs: dict[str, Any], sampling: SamplingConfig, prefix: torch.Tensor | None) -> list[str]:
         """One ``generate`` call; returns the decoded answers (the prompt ``prefix`` removed when echoed)."""
@@ -213,6 +227,12 @@ class HFCaptioner(TransformersGenerator):
         if self.processor is not None:
             return self._group(self._with_processor(requests, images, sampling), n)
         return self._group(self._with_decoder_prefix(requests, images, sampling), n)
+
+    def _order(self, request: Request) -> int:
+        # A decoder prefix cannot be padded: batches of equal prompt lengths generate in one call each.
+        if self.processor is not None:
+            return 0
+        return len(self.tokenizer("\n".join(p for p in (request.system, request.user) if p))["input_ids"])
 
     def _chat_template(self) -> str | None:
         return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
