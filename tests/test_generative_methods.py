@@ -161,7 +161,7 @@ def test_shapes_standins_train_reuse_and_serve_the_methods(quick_shapes_root, tm
 
     env = prepare_shapes(quick=True, root=quick_shapes_root, log=lambda message: None)
     tiny = standin_config(quick=True).scaled(0.02)
-    standins = prepare_standins(env, config=tiny, log=print)
+    standins = prepare_standins(env, True, config=tiny, log=print, quality_samples=16)
     assert "training the Shapes stand-in" in capsys.readouterr().out
     assert set(standins.quality) >= {
         "captioner_em_heldout_scenes",
@@ -173,7 +173,7 @@ def test_shapes_standins_train_reuse_and_serve_the_methods(quick_shapes_root, tm
     assert all(0.0 <= v <= 100.0 for v in standins.quality.values())
     for role, spec in standins.specs().items():
         create_generator(spec, role).load()  # each loads through the real transformers path
-    assert prepare_standins(env, config=tiny, log=print).root == standins.root
+    assert prepare_standins(env, True, config=tiny, log=print).root == standins.root
     assert "reusing the Shapes stand-ins" in capsys.readouterr().out
 
     # A study run of a generative method uses the stand-ins and keeps its texts with the run.

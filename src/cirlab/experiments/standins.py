@@ -40,7 +40,7 @@ from cirlab.methods import METHODS
 from cirlab.training.generators import (
     StandInConfig,
     standin_tokenizer,
-    synthetic_texts,
+    synthetic_draws,
     train_captioner,
     train_reasoner,
     train_rewriter,
@@ -92,15 +92,18 @@ def prepare_standins(
     force: bool = False,
     log: Callable[[str], None] = print,
     config: StandInConfig | None = None,
+    quality_samples: int | None = None,
 ) -> StandIns:
     """Builds or reuses the stand-ins of ``env``'s world and CLIP; measures their quality once.
 
     Args:
         env: the Shapes environment (world and CLIP).
-        quick: the scaled-down settings (``standin_config``).
+        quick: the scaled-down settings (``standin_config``) and fewer quality samples.
         force: retrain even when a matching build exists.
         log: progress messages.
         config: settings other than ``standin_config(quick)`` (tests).
+        quality_samples: fresh scenes and synthetic triplets the quality is measured on (default 200 quick, else
+            500; the CIRR-format test split is measured whole).
     """
     cfg = config or standin_config(quick)
     root = env.world.root.parent / f"standins-{_digest([env.world.world_id, env.backbone.identity(), to_dict(cfg)])}"
@@ -118,7 +121,7 @@ def prepare_standins(
             if not (dirs["reasoner"] / "config.json").is_file():
                 train_reasoner(env.world, env.backbone, tokenizer, cfg, root / "reasoner")
             built = StandIns(root, dirs["captioner"], dirs["rewriter"], dirs["reasoner"], {})
-            quality = standin_quality(env, built, n=200 if quick else 500)
+            quality = standin_quality(env, built, n=quality_samples or (200 if quick else 500))
             atomic_write_json(root / QUALITY_FILE, {"config": to_dict(cfg), "quality": quality})
         else:
             log(f"reusing the Shapes stand-ins at {root}")
@@ -136,7 +139,7 @@ def standin_quality(env: ShapesEnv, standins: StandIns, n: int = 500, batch_size
     captioner = create_generator(f"hf-captioner:{standins.captioner}", "captioner", options)
     rewriter = create_generator(f"hf-rewriter:{standins.rewriter}", "rewriter", options)
     reasoner = create_generator(f"hf-captioner:{standins.reasoner}", "reasoner", options)
-    greedy, cache = SamplingConfig(max_new_tokens=96), TextCache()
+    greedy, cache = SamplingConfig(max_new_tokens=64), TextCache()
     describe, rewrite, one_stage = (
         resolve_prompt(p) for p in ("shapes-describe", "shapes-rewrite", "shapes-one-stage")
     )
@@ -155,7 +158,7 @@ def standin_quality(env: ShapesEnv, standins: StandIns, n: int = 500, batch_size
         )
     }
 
-    synthetic = synthetic_texts(env.world, n, "eval")
+    synthetic = synthetic_draws(env.world, n, "eval")
     render_rng = component_rng(world.seed, "standins", "eval-render")
     rendered = render_batch([(t.reference, render_rng.getrandbits(31)) for t in synthetic], world.render)
     targets = [eval_caption(t.target) for t in synthetic]

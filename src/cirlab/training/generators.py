@@ -149,9 +149,9 @@ class StandInConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def synthetic_texts(world: ShapesWorld, n: int, stream: str) -> list[Any]:
-    """``n`` fresh draws of the world's synthetic triplet generator (scenes, edit and its synthetic-template text),
-    from their own random stream ``stream`` (never the world's own synthetic file's)."""
+def synthetic_draws(world: ShapesWorld, n: int, stream: str) -> list[Any]:
+    """``n`` fresh draws of the world's synthetic triplet generator (``SyntheticTriplet``: scenes, edit, its
+    synthetic-template text), from their own random stream ``stream`` (never the world's own synthetic file's)."""
     rng = component_rng(world.config.seed, "standins", stream)
     return [sample_synthetic_triplet(rng, world.config.scene) for _ in range(n)]
 
@@ -163,8 +163,10 @@ def standin_tokenizer(world: ShapesWorld, cfg: StandInConfig) -> Any:
     rng = random.Random(f"standins/tokenizer/{cfg.seed}")
     n = min(cfg.tokenizer_texts, len(corpus))
     texts = [corpus.caption(i, rng) for i in range(n)] + [corpus.eval_caption(i) for i in range(n)]
-    texts += [t.text for t in synthetic_texts(world, cfg.tokenizer_texts, "tokenizer")]
-    texts += [SHAPES_DESCRIBE, SHAPES_REWRITE, SHAPES_ONE_STAGE]
+    texts += [t.text for t in synthetic_draws(world, cfg.tokenizer_texts, "tokenizer")]
+    texts += [
+        p.replace("{caption}", "").replace("{text}", "") for p in (SHAPES_DESCRIBE, SHAPES_REWRITE, SHAPES_ONE_STAGE)
+    ]
     return chat_tokenizer(texts, vocab_size=cfg.vocab_size)
 
 
@@ -314,7 +316,7 @@ def train_captioner(world: ShapesWorld, backbone: Any, tokenizer: Any, cfg: Stan
 def train_reasoner(world: ShapesWorld, backbone: Any, tokenizer: Any, cfg: StandInConfig, out_dir: str | Path) -> Path:
     """Trains the Shapes one-stage model on rendered synthetic triplets; returns its directory."""
     rc = cfg.reasoner
-    triplets = synthetic_texts(world, rc.examples, "reasoner")
+    triplets = synthetic_draws(world, rc.examples, "reasoner")
     rng = component_rng(world.config.seed, "standins", "reasoner", "render")
     images = render_batch([(t.reference, rng.getrandbits(31)) for t in triplets], world.config.render)
     processor = image_processor_for(backbone)
@@ -338,7 +340,7 @@ def train_rewriter(world: ShapesWorld, tokenizer: Any, cfg: StandInConfig, out_d
 
     wc = cfg.rewriter
     tc = wc.train
-    triplets = synthetic_texts(world, wc.examples, "rewriter")
+    triplets = synthetic_draws(world, wc.examples, "rewriter")
     d = wc.decoder
     config = LlamaConfig(
         vocab_size=len(tokenizer),
