@@ -1,5 +1,5 @@
-"""The Shapes world's stand-in captioner, rewriter and one-stage model: trained once per world and CLIP,
-content-addressed and reused like the Shapes CLIP, with their own quality measured; and the generative methods
+"""The Shapes world's stand-in captioner, rewriter and one-stage model: trained once per world (they do not read the
+Shapes CLIP), content-addressed and reused like it, with their own quality measured; and the generative methods
 (CIReVL, LDRE, OSrCIR) configured to use them.
 
 The stand-ins are small models trained on the world's corpus and synthetic triplets (``cirlab.training.generators``
@@ -53,7 +53,7 @@ QUALITY_FILE = "quality.json"
 
 @dataclass
 class StandIns:
-    """The built stand-ins of one world and CLIP.
+    """The built stand-ins of one world.
 
     Attributes:
         root: their folder (``standins-<digest>`` beside the world).
@@ -94,10 +94,10 @@ def prepare_standins(
     config: StandInConfig | None = None,
     quality_samples: int | None = None,
 ) -> StandIns:
-    """Builds or reuses the stand-ins of ``env``'s world and CLIP; measures their quality once.
+    """Builds or reuses the stand-ins of ``env``'s world; measures their quality once.
 
     Args:
-        env: the Shapes environment (world and CLIP).
+        env: the Shapes environment; its world and its CIRR-format test split are read, its CLIP is not.
         quick: the scaled-down settings (``standin_config``) and fewer quality samples.
         force: retrain even when a matching build exists.
         log: progress messages.
@@ -106,7 +106,7 @@ def prepare_standins(
             500; the CIRR-format test split is measured whole).
     """
     cfg = config or standin_config(quick)
-    root = env.world.root.parent / f"standins-{_digest([env.world.world_id, env.backbone.identity(), to_dict(cfg)])}"
+    root = env.world.root.parent / f"standins-{_digest([env.world.world_id, to_dict(cfg)])}"
     dirs = {role: root / role / "best" for role in ("captioner", "rewriter", "reasoner")}
     with file_lock(env.world.root.parent / ".standins.lock"):
         if force and root.exists():
@@ -115,11 +115,11 @@ def prepare_standins(
             log(f"training the Shapes stand-in captioner, rewriter and one-stage model into {root}")
             tokenizer = standin_tokenizer(env.world, cfg)
             if not (dirs["captioner"] / "config.json").is_file():
-                train_captioner(env.world, env.backbone, tokenizer, cfg, root / "captioner")
+                train_captioner(env.world, tokenizer, cfg, root / "captioner")
             if not (dirs["rewriter"] / "config.json").is_file():
                 train_rewriter(env.world, tokenizer, cfg, root / "rewriter")
             if not (dirs["reasoner"] / "config.json").is_file():
-                train_reasoner(env.world, env.backbone, tokenizer, cfg, root / "reasoner")
+                train_reasoner(env.world, tokenizer, cfg, root / "reasoner")
             built = StandIns(root, dirs["captioner"], dirs["rewriter"], dirs["reasoner"], {})
             quality = standin_quality(env, built, n=quality_samples or (200 if quick else 500))
             atomic_write_json(root / QUALITY_FILE, {"config": to_dict(cfg), "quality": quality})
