@@ -5,7 +5,8 @@ The table in docs/RESULTS.md (the full world, 3 seeds; reuses the runs of ``cirl
 
     python benchmarks/results_baselines.py
 
-Rows: image-only, text-only, sum, pic2word, searle, lincir and the supervised combiner, each with its Shapes preset.
+Rows: image-only, text-only, sum, pic2word, searle, searle-oti, lincir and the supervised combiner, each with its
+Shapes preset.
 Diagnostic rows (evaluation-time only, the same trained runs): each pseudo-word method queried with its pseudo-word
 alone (``prompt=$``, no modification text), which measures how well ``phi`` maps an image into the text space
 independently of whether the text tower can compose it with an edit it never read during pretraining.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from cirlab.experiments.study import Row, comparison_rows, study_main
 
-PSEUDO_WORD = ("pic2word", "searle", "lincir")
+PSEUDO_WORD = ("pic2word", "searle", "searle-oti", "lincir")
 
 
 def rows() -> list[Row]:

@@ -146,3 +146,13 @@ def test_open_clip_missing_extra_names_it():
     else:
         backbone = cirlab.create_backbone("open-clip:ViT-B-32")
         assert backbone.encode_text(["a photo of a cat"]).embeds.shape == (1, backbone.embed_dim)
+
+
+def test_text_encoding_emits_no_warning_from_transformers(tiny_backbone):
+    """transformers warned on every text encoding (the old name of create_causal_mask's cache argument); a server
+    logged it for every query."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_backbone.encode_text(["a red circle", "two blue squares"])

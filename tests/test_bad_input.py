@@ -84,6 +84,125 @@ def test_a_custom_pixel_limit_is_applied_before_decoding(tmp_path):
         load_image(path, max_pixels=64 * 64 - 1)
 
 
+def _jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with orientation 6 ("rotate 90 clockwise to view") reads upright."""
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 32, 3), dtype=np.uint8))  # 32 x 48
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 48 x 32, sideways
+    (tmp_path / "phone.jpg").write_bytes(_jpeg_with_orientation(stored, 6))
+    (tmp_path / "plain.jpg").write_bytes(_jpeg_with_orientation(upright, 1))
+    read, plain = load_image(tmp_path / "phone.jpg"), load_image(tmp_path / "plain.jpg")
+    assert read.size == plain.size == (32, 48)
+    assert np.abs(np.asarray(read, np.int16) - np.asarray(plain, np.int16)).mean() < 8  # equal up to JPEG noise
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520, mean 32760
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    pixels = np.asarray(load_image(tmp_path / "scan.png"), dtype=np.float64)
+    assert pixels.shape == (64, 64, 3)
+    assert pixels.mean() == pytest.approx(grey.mean() / 257, abs=1.0)  # convert("RGB") alone gave 254 (white)
+
+
+def test_an_animation_is_read_as_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=40, loop=0)
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:], duration=40)  # APNG
+    for name in ("anim.gif", "anim.png"):
+        assert load_image(tmp_path / name).getpixel((8, 8)) == (255, 0, 0), name
+
+
+def test_a_named_pipe_is_refused_without_blocking(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            load_image(fifo)
+        except ImageReadError as err:
+            outcome.append(err)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # opening the pipe for reading blocks until a writer comes: be that writer, then fail
+        with open(fifo, "wb"):
+            pass
+        reader.join(10)
+        pytest.fail("load_image blocked on a named pipe")
+    assert outcome and "a named pipe, not a regular file" in str(outcome[0]) and str(fifo) in str(outcome[0])
+
+
+def test_extreme_aspect_ratios_never_resize_to_a_huge_intermediate(monkeypatch):
+    """A 1 x 40000 image: CLIP's rule would resize it to 224 x 8,960,000 before the crop (gigabytes, a minute)."""
+    from cirlab.backbones.transforms import ImageTransform
+
+    resize = Image.Image.resize
+    largest = []
+
+    def bounded_resize(self, size, *args, **kwargs):
+        largest.append(size[0] * size[1])
+        if size[0] * size[1] > 16 * 224 * 224:
+            raise AssertionError(f"resize to {size}: the work is not bounded")
+        return resize(self, size, *args, **kwargs)
+
+    new = Image.new
+
+    def bounded_new(mode, size, *args, **kwargs):
+        if size[0] * size[1] > 16 * 224 * 224:
+            raise AssertionError(f"a {size} canvas: target padding is not bounded")
+        return new(mode, size, *args, **kwargs)
+
+    strips = [
+        Image.fromarray(np.tile(np.arange(w, dtype=np.uint8)[None, :, None], (h, 1, 3)))
+        for w, h in [(1, 40_000), (40_000, 1), (7, 30_000), (224, 100_000)]
+    ]
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    monkeypatch.setattr(Image, "new", bounded_new)
+    # Target padding (CLIP4Cir's and SEARLE's 1.25) would pad a 1 x 40000 strip to a 32000 x 40000 canvas.
+    for transform in (ImageTransform(size=224, resize_to=224), ImageTransform(size=224, resize_to=224, pad_ratio=1.25)):
+        for strip in strips:
+            assert transform.to_array(strip).shape == (3, 224, 224)
+    monkeypatch.undo()
+    transform = ImageTransform(size=224, resize_to=224)
+    # Ordinary shapes keep CLIP's exact path: resize the short side, then crop.
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    expected = photo.resize((298, 224), Image.Resampling.BICUBIC).crop((37, 0, 261, 224))
+    got = transform.to_array(photo)
+    want = (np.asarray(expected, np.float32) / 255.0 - np.array(transform.mean, np.float32)) / np.array(
+        transform.std, np.float32
+    )
+    np.testing.assert_allclose(got, want.transpose(2, 0, 1), atol=1e-6)
+
+
+def test_a_long_strip_keeps_the_centre_crop_of_the_reference_rule():
+    """Resampling only the crop's region gives what resizing everything and cropping gives (up to rounding)."""
+    from cirlab.backbones.transforms import ImageTransform
+
+    rng = np.random.default_rng(0)
+    strip = Image.fromarray(rng.integers(0, 255, (3000, 20, 3), dtype=np.uint8))  # 20 x 3000
+    transform = ImageTransform(size=32, resize_to=32)
+    new_h = int(32 * 3000 / 20)
+    top = (new_h - 32) // 2
+    reference = strip.resize((32, new_h), Image.Resampling.BICUBIC).crop((0, top, 32, top + 32))
+    want = (np.asarray(reference, np.float32) / 255.0 - np.array(transform.mean, np.float32)) / np.array(
+        transform.std, np.float32
+    )
+    diff = np.abs(transform.to_array(strip) - want.transpose(2, 0, 1)) * np.array(transform.std)[:, None, None] * 255
+    assert diff.mean() < 1.0 and diff.max() <= 32  # a fraction of one grey level on average, on pure noise
+
+
 @pytest.fixture
 def cirr_copy(tmp_path, monkeypatch):
     """A CIRR-format fixture copy with readable images, the tiny backbone and a private feature cache."""
@@ -191,6 +310,22 @@ def test_check_submission_reports_a_wrong_file(tmp_path, capsys, content, messag
     assert message in captured.out and f"{path}: INVALID" in captured.err
 
 
+def test_check_submission_refuses_duplicate_keys(tmp_path, capsys):
+    """JSON objects that name a key twice mean different things to different parsers (Python keeps the last)."""
+    from cirlab.evaluation.submission import write_cirr_submission
+
+    split = load_cirr(FIXTURES / "cirr", None, "val")
+    scores = np.random.default_rng(0).random((len(split.queries), len(split.gallery)))
+    path = write_cirr_submission(split, scores, tmp_path)["recall"]
+    first = str(split.queries[0].qid)
+    ranking = json.loads(path.read_text())[first]
+    path.write_text(path.read_text().replace("{", "{" + json.dumps(first) + ": " + json.dumps(ranking[::-1]) + ", ", 1))
+    args = ["check-submission", str(path), "--dataset", "cirr", "--split", "val"]
+    assert main([*args, "--annotations", str(FIXTURES / "cirr")]) == 1
+    captured = capsys.readouterr()
+    assert f"duplicate key {first!r}" in captured.out and f"{path}: INVALID" in captured.err
+
+
 # --- names ----------------------------------------------------------------------------------------------------------
 
 
@@ -212,6 +347,60 @@ def test_cirlab_eval_names_an_unknown_backbone(cirr_copy, capsys):
     assert "unknown backbone 'no-such-backbone'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_world(monkeypatch):
+    """Building the Shapes world takes minutes: the checks below must refuse before they get there."""
+    import cirlab.experiments.shapes_env
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Shapes world was being built")
+
+    monkeypatch.setattr(cirlab.experiments.shapes_env, "prepare_shapes", refuse)
+
+
+def test_cirlab_eval_on_shapes_names_an_unknown_backbone(no_world, tmp_path, capsys):
+    assert main(["eval", "sum", "--dataset", "shapes", "--backbone", "nosuch:x", "--root", str(tmp_path)]) == 1
+    assert "unknown backbone 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "sum", "--dataset", "shapes", "--backbone", "tiny", "--root", str(tmp_path)]) == 2
+    assert "Shapes world is evaluated with its own CLIP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("mapping.batch_size=0", "mapping.batch_size=0 (must be at least 1)"),
+        ("mapping.steps=-5", "mapping.steps=-5 (must be at least 1)"),
+        ("mapping.warmup=2", "mapping.warmup=2.0 (must be in [0, 1])"),
+        ("mapping.lr=-1", "mapping.lr=-1.0 (must not be negative)"),
+    ],
+)
+def test_train_refuses_unusable_loop_settings(no_world, tmp_path, capsys, setting, message):
+    args = ["train", "pic2word", "--set", setting, "--root", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_an_unknown_stage_leaves_the_checkpoint_alone(no_world, tiny_backbone, tmp_path, capsys):
+    ckpt = tmp_path / "p2w"
+    create_method("pic2word", tiny_backbone).save(ckpt)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert main(["train", "pic2word", "--stage", "nosuch", "--root", str(tmp_path), "--out", str(ckpt)]) == 2
+    assert "pic2word has no stage 'nosuch'; its stages: mapping" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_a_second_training_into_the_same_directory_is_refused(no_world, tmp_path, capsys):
+    from cirlab.cli.train import TRAIN_LOCK
+    from cirlab.io import file_lock
+
+    out = tmp_path / "run"
+    with file_lock(out / TRAIN_LOCK):  # a first run is writing there
+        assert main(["train", "pic2word", "--root", str(tmp_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"holds this lock (training into {out})" in err
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------------------
 
 
@@ -231,7 +420,8 @@ def test_weights_of_another_method_are_refused_by_name(two_checkpoints, tiny_bac
         load_weights(searle, two_checkpoints["pic2word"])
     mixed = two_checkpoints["pic2word"]
     shutil.copy(two_checkpoints["searle"] / "model.safetensors", mixed / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensors"):
+    # Pic2Word's and SEARLE's mappers share tensor names; the shapes tell them apart.
+    with pytest.raises(ValueError, match=r"model\.safetensors: (missing tensors|tensors whose shapes do not fit)"):
         load_method(mixed, backbone=tiny_backbone)
 
 

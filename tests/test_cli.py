@@ -73,3 +73,18 @@ def test_exit_codes_of_commands_propagate():
         assert main_module.main(["ok"]) == 0
     finally:
         main_module.app = original
+
+
+def test_serve_refuses_a_port_out_of_range(tmp_path, capsys):
+    pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
+    from cirlab.features.cache import FeatureCache
+    from cirlab.index import build_index
+    from imagefiles import make_gallery
+
+    make_gallery(tmp_path / "images", 2)
+    build_index(tmp_path / "images", tmp_path / "index", backbone="tiny", cache=FeatureCache(tmp_path / "cache"),
+                log=lambda m: None)  # fmt: skip
+    assert main(["serve", str(tmp_path / "index"), "--port", "99999"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert "Invalid value for '--port'" in captured.err and "65535" in captured.err

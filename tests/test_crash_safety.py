@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
@@ -162,3 +163,90 @@ def test_stale_temporaries_are_removed_and_the_file_kept(tmp_path):
     (tmp_path / ".other.csv.abc.tmp").write_text("")  # another file's temporary is not touched
     assert [p.name for p in remove_stale_temporaries(tmp_path / "metrics.csv")] == [".metrics.csv.k1ll3d.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.csv.abc.tmp", "metrics.csv"]
+
+
+def test_files_get_the_mode_the_umask_gives(tmp_path, tiny_backbone):
+    """Not 0600 whatever the umask (mkstemp's mode): a service account must be able to read an index built by
+    another user."""
+    from cirlab.features import FeatureCache
+    from cirlab.index import build_index
+    from cirlab.io import atomic_write_text
+    from imagefiles import make_gallery
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.json", "{}")
+        tiny_backbone.save_pretrained(tmp_path / "model")
+        make_gallery(tmp_path / "images", 3)
+        build_index(tmp_path / "images", tmp_path / "index", backbone="tiny", cache=FeatureCache(tmp_path / "cache"),
+                    log=lambda m: None)  # fmt: skip
+    finally:
+        os.umask(old)
+    written = [tmp_path / "report.json", *(tmp_path / "index").iterdir(), *(tmp_path / "cache").rglob("*.npy")]
+    written += [p for p in (tmp_path / "cache").rglob("manifest.json")]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written if p.is_file() and p.name != ".lock"}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == "0o755"
+
+
+def test_writes_are_flushed_to_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """Data then directory: after a power cut the file is the old one or the whole new one, never empty."""
+    from cirlab.io import atomic_write_text
+
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write_text(tmp_path / "config.json", "{}")
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".config.json.")) and synced[1] == str(tmp_path)
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path):
+    """A write that fails part-way (here: over the file-size limit, as a full disk would) says which file."""
+    code = (
+        "import resource, signal, sys\n"
+        "from cirlab.io import atomic_write_bytes\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+        "try:\n"
+        f"    atomic_write_bytes({str(tmp_path / 'weights.bin')!r}, b'x' * (1 << 20))\n"
+        "except OSError as err:\n"
+        "    print(err)\n"
+        "    sys.exit(1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "File too large" in done.stdout and str(tmp_path / "weights.bin") in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_torch_save_names_the_checkpoint(tmp_path):
+    """torch.save reports a full disk as a RuntimeError of its own naming no file; the error names the checkpoint."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -Urm to mount a small tmpfs")
+    (tmp_path / "run").mkdir()
+    code = (
+        "import sys, torch\n"
+        "from cirlab.io import atomic_path\n"
+        "try:\n"
+        f"    with atomic_path({str(tmp_path / 'run' / 'trainer_state.pt')!r}) as tmp:\n"
+        "        torch.save(torch.zeros(1 << 20), tmp)\n"
+        "except OSError as err:\n"
+        "    print(err)\n"
+        "    sys.exit(1)\n"
+    )
+    mount = f"mount -t tmpfs -o size=512k none {tmp_path / 'run'}"
+    run = f'{mount} && {sys.executable} -c "$CODE"; echo rc=$?; ls -a {tmp_path / "run"}'
+    done = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", run], env={**os.environ, "CODE": code}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert "rc=1" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert "No space left on device" in done.stdout and str(tmp_path / "run" / "trainer_state.pt") in done.stdout
+    assert ".tmp" not in done.stdout.split("rc=1")[1]

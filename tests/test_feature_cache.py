@@ -196,7 +196,7 @@ def test_different_outputs_under_one_key_raise(tmp_path):
     ("crash", "committed"),
     [
         (RuntimeError("GPU out of memory"), [6, 6, 4]),  # an error keeps the complete rows of the open shard
-        (KeyboardInterrupt(), [6, 6]),  # an interrupt drops the open shard
+        (KeyboardInterrupt(), [6, 6, 4]),  # so does an interrupt (Ctrl-C): the next run resumes after them
     ],
 )
 def test_crash_in_encode_fn_leaves_a_consistent_cache(tmp_path, crash, committed):
@@ -307,3 +307,157 @@ def test_parallel_writers_do_not_corrupt_the_cache(tmp_path):
     feats = FeatureCache(tmp_path / "cache").get_or_compute(paths, KEY, encode)
     assert encode.calls == []
     np.testing.assert_array_equal(feats.embeds, expected(paths))
+
+
+def test_progress_is_committed_by_time_not_only_when_a_shard_fills(tmp_path, monkeypatch):
+    """An encoding far smaller than a shard still commits as it goes, so an interrupted run resumes from there."""
+    import time as real_time
+    import types
+
+    import cirlab.features.cache as cache_module
+
+    now = [0.0]
+    clock = types.SimpleNamespace(time_ns=real_time.time_ns, time=real_time.time, monotonic=lambda: now[0])
+    monkeypatch.setattr(cache_module, "time", clock)
+    paths = write_images(tmp_path / "img", 12)
+    committed_before_each_call = []
+
+    def slow_encoder(batch: list[Path]) -> np.ndarray:
+        committed_before_each_call.append(len(FeatureCache(tmp_path / "cache").lookup(paths, KEY)))
+        now[0] += 11.0  # each batch takes longer than the commit interval (10 s by default)
+        return expected(batch)
+
+    FeatureCache(tmp_path / "cache").get_or_compute(paths, KEY, slow_encoder, batch_size=4)
+    assert committed_before_each_call == [0, 4, 8]
+
+
+def test_a_killed_writers_temporaries_and_orphans_are_removed(tmp_path):
+    import fcntl
+
+    paths = write_images(tmp_path / "img", 6)
+    cache = FeatureCache(tmp_path / "cache")
+    cache.get_or_compute(paths[:3], KEY, FakeEncoder())
+    shards = tmp_path / "cache" / KEY / "shards"
+    dead = shards / ".18ab-1-dead.embeds.npy.0123456789ab.tmp"  # a SIGKILLed writer's temporary (16 MB, say)
+    dead.write_bytes(b"\0" * 4096)
+    orphan = shards / "18ac-1-orphan.embeds.npy"  # renamed into place by a writer killed before its commit
+    orphan.write_bytes(b"\0" * 128)
+    live = shards / ".18ad-2-live.embeds.npy.0123456789ab.tmp"  # a running writer's, flock'ed by it
+    live.write_bytes(b"")
+    (tmp_path / "cache" / KEY / ".manifest.json.killed.tmp").write_text("{")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        feats = FeatureCache(tmp_path / "cache").get_or_compute(paths, KEY, FakeEncoder())
+        assert not dead.exists() and not orphan.exists() and live.exists()
+    assert not (tmp_path / "cache" / KEY / ".manifest.json.killed.tmp").exists()
+    np.testing.assert_array_equal(feats.embeds, expected(paths))
+
+
+FULL_DISK_WORKER = """
+import sys
+import numpy as np
+from pathlib import Path
+from cirlab.features import FeatureCache
+
+folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
+paths = sorted(folder.iterdir())
+try:
+    FeatureCache(cache).get_or_compute(paths, "k", lambda b: np.ones((len(b), 512), np.float32), batch_size=8)
+except OSError as err:
+    print(f"error: {err}")
+    sys.exit(1)
+"""
+
+
+def test_a_full_disk_fails_with_a_message_naming_the_file_and_leaves_no_temporary(tmp_path):
+    """A real full filesystem (a 256 KB tmpfs in a private mount namespace): no SIGBUS, a clear error, no leftovers."""
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode != 0:
+        pytest.skip("needs unshare -Urm to mount a small tmpfs")
+    write_images(tmp_path / "img", 200)  # 200 x 512 float32 = 400 KB of features
+    (tmp_path / "cache").mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(FULL_DISK_WORKER)
+    mount = f"mount -t tmpfs -o size=256k none {tmp_path / 'cache'}"
+    encode = f'"{sys.executable}" {script} {tmp_path / "img"} {tmp_path / "cache"}'
+    run = f'{mount} && {encode}; echo "rc=$?"; ls -aR {tmp_path / "cache"}'
+    done = subprocess.run(["unshare", "-Urm", "sh", "-c", run], capture_output=True, text=True, timeout=120)
+    out = done.stdout
+    assert "rc=1" in out, (out, done.stderr[-2000:])  # not 135 (SIGBUS)
+    assert "No space left on device" in out and ".npy" in out and str(tmp_path / "cache") in out, out
+    assert ".tmp" not in out.split("rc=1")[1], "temporaries were left on the full disk"
+
+
+def share_work(root: str, folder: str, out: str, go: multiprocessing.synchronize.Event) -> None:
+    """Worker process: encodes every image of ``folder`` slowly, writes how many it encoded itself."""
+    import time
+
+    import cirlab.features.cache as cache_module
+
+    cache_module.CLAIM_ITEMS = 4  # small chunks, so the two processes interleave on 64 items
+    paths = sorted(Path(folder).iterdir())
+
+    def slow(batch: list[Path]) -> np.ndarray:
+        time.sleep(0.01 * len(batch))
+        return expected(batch)
+
+    go.wait()
+    feats = FeatureCache(root).get_or_compute(paths, KEY, slow, batch_size=4)
+    np.testing.assert_array_equal(feats.embeds, expected(paths))
+    Path(out).write_text(str(feats.n_encoded))
+
+
+def test_concurrent_runs_over_the_same_images_share_the_encoding(tmp_path):
+    paths = write_images(tmp_path / "img", 64)
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    outs = [tmp_path / f"encoded-{i}" for i in range(2)]
+    workers = [
+        ctx.Process(target=share_work, args=(str(tmp_path / "cache"), str(tmp_path / "img"), str(out), go))
+        for out in outs
+    ]
+    for w in workers:
+        w.start()
+    go.set()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    counts = [int(out.read_text()) for out in outs]
+    assert sum(counts) == len(paths), f"the two runs encoded {counts} of {len(paths)} images"
+    assert not temporaries(tmp_path / "cache") and not list((tmp_path / "cache" / KEY / "claims").iterdir())
+
+
+MANY_SHARDS_WORKER = """
+import os, resource, sys
+import numpy as np
+import cirlab.features.cache as cache_module
+from cirlab.features import FeatureCache
+
+root, n = sys.argv[1], int(sys.argv[2])
+cache_module.OPEN_MAPS = 16
+keys = [f"item-{i}" for i in range(n)]
+encode = lambda pos: np.array(pos, np.float32)[:, None] + np.arange(8, dtype=np.float32)  # row i: i .. i + 7
+FeatureCache(root, commit_seconds=0.0).get_or_compute_keys(keys, "k", encode, batch_size=1)  # one shard per item
+free = len(os.listdir("/proc/self/fd")) + n // 2  # fewer descriptors left than there are shards
+resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+feats = FeatureCache(root).get_or_compute_keys(keys, "k", lambda pos: 1 / 0)
+np.testing.assert_array_equal(feats.embeds, encode(list(range(n))))
+np.testing.assert_array_equal(feats.take("embeds", [n - 1, 0]), encode([n - 1, 0]))
+print("ok")
+"""
+
+
+def test_a_cache_of_many_small_shards_is_read_within_the_file_descriptor_limit(tmp_path):
+    """Commits every few seconds make many shards; each memory map holds a descriptor, so reading them all at once
+    ran out of descriptors ("Too many open files") once a cache held more shards than the limit allows."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(MANY_SHARDS_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache"), "120"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -20,6 +20,7 @@ import cirlab.index.encode
 from cirlab.cli.main import main
 from cirlab.data.images import ImageReadError, load_image
 from cirlab.features.cache import FeatureCache
+from cirlab.features.hashing import hash_files
 from cirlab.index import AnnConfig, IndexFormatError, build_index, find_images, load_index
 from cirlab.index.ann import build_ann, recall_at_k, sample_queries
 from cirlab.index.store import INDEX_FILE
@@ -253,3 +254,126 @@ def test_cli_without_a_backbone_says_what_to_pass(gallery, tmp_path, monkeypatch
     assert main(["index", "build", str(gallery), "--out", str(tmp_path / "index")]) != 0
     err = capsys.readouterr().err
     assert "--backbone hf-clip:" in err and "cirlab demo --quick" in err
+
+
+def _build_with_timeout(images: Path, out: Path, cache: Path, seconds: float = 60.0):
+    """Builds in a thread so that a build that hangs fails the test instead of hanging it."""
+    import threading
+
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(build(images, out, cache)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return outcome[0] if outcome else None
+
+
+def test_special_files_and_links_out_of_the_folder_are_skipped_unopened(gallery, tmp_path):
+    outside = tmp_path / "secret.png"
+    draw_image(outside, seed=77)
+    os.mkfifo(gallery / "pipe.png")
+    (gallery / "zero.png").symlink_to("/dev/zero")
+    (gallery / "escape.png").symlink_to(outside)
+    (gallery / "alias.png").symlink_to(gallery / "img002.png")  # a link inside the folder is followed
+    report = _build_with_timeout(gallery, tmp_path / "index", tmp_path / "cache")
+    if report is None:
+        with open(gallery / "pipe.png", "wb"):  # release a build blocked on the pipe
+            pass
+        pytest.fail("index build blocked on a named pipe or a device")
+    assert set(report.unreadable) == {"pipe.png", "zero.png", "escape.png"}
+    assert "a named pipe, not a regular file" in report.unreadable["pipe.png"]
+    assert "a symbolic link to /dev/zero, outside the indexed folder" in report.unreadable["zero.png"]
+    assert "outside the indexed folder" in report.unreadable["escape.png"]
+    (device,) = hash_files(["/dev/zero"])  # a device reached some other way is not read either
+    assert isinstance(device, OSError) and "/dev/zero: a character device, not a regular file" in str(device)
+    assert "alias.png" in load_index(tmp_path / "index").paths and report.count == 25
+
+
+def test_build_refuses_a_directory_that_is_not_an_index_and_deletes_nothing(gallery, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"items-2024-01.json": "[]", "embeddings-0001.npy": "x", "ann-1.faiss": "y", "notes.txt": "z"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    args = ["index", "build", str(gallery), "--out", str(out), "--backbone", "tiny", "--cache", str(tmp_path / "c")]
+    assert main(args) == 1
+    assert "not empty and not a cirlab index" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+
+    index = tmp_path / "index"  # files a user drops into a real index that look like its own are kept too
+    build(gallery, index, tmp_path / "cache")
+    for name, text in mine.items():
+        (index / name).write_text(text)
+    make_gallery(gallery, 1, start=300)
+    build(gallery, index, tmp_path / "cache")
+    assert all((index / name).read_text() == text for name, text in mine.items())
+    assert len(load_index(index)) == 25
+
+
+def test_unreadable_reasons_belong_to_their_own_file(gallery, tmp_path):
+    (gallery / "empty.jpg").write_bytes(b"")
+    build(gallery, tmp_path / "index", tmp_path / "cache")
+    (gallery / "empty.png").write_bytes(b"")  # the same (empty) bytes under another name
+    report = build(gallery, tmp_path / "index", tmp_path / "cache")
+    assert str(gallery / "empty.png") in report.unreadable["empty.png"]
+    assert str(gallery / "empty.jpg") in report.unreadable["empty.jpg"]
+
+
+def test_the_unreadable_file_report_cannot_be_forged_by_file_names(gallery, tmp_path, capsys):
+    forged = "x.png\nskipped 0 unreadable file(s):\n  img001.jpg: fine.png"
+    (gallery / forged).write_bytes(b"")
+    args = ["index", "build", str(gallery), "--out", str(tmp_path / "i"), "--backbone", "tiny"]
+    assert main([*args, "--cache", str(tmp_path / "c")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("skipped")] == ["skipped 1 unreadable file(s):"]
+    assert not any(line.startswith("  img001.jpg") for line in lines)
+    assert any(line.startswith("  x.png\\nskipped 0 unreadable") for line in lines)
+
+
+def _slow_build_in_child(images: Path, out: Path, cache: Path) -> None:
+    """A build whose model takes 0.15 s per batch of 4, committing its encoding as it goes."""
+    import cirlab.index.encode as encode
+
+    torch.set_num_threads(1)
+    real = encode.encode_gallery_files
+
+    def slow(method, *args, **kwargs):
+        forward = method.encode_images
+
+        def slow_forward(pixels):
+            time.sleep(0.15)
+            return forward(pixels)
+
+        method.encode_images = slow_forward
+        return real(method, *args, **kwargs)
+
+    encode.encode_gallery_files = slow
+    import cirlab.index.build as build_module
+
+    build_module.encode_gallery_files = slow
+    build_index(images, out, cache=FeatureCache(cache, commit_seconds=0.0), backbone="tiny", batch_size=4, log=quiet)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_an_interrupted_build_resumes_where_it_stopped(gallery, tmp_path, how):
+    """Killed (or Ctrl-C'ed) part-way, a build of a gallery far smaller than a shard keeps what it encoded."""
+    out, cache = tmp_path / "index", tmp_path / "cache"
+    child = multiprocessing.get_context("fork").Process(target=_slow_build_in_child, args=(gallery, out, cache))
+    child.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.exitcode is None:
+        manifests = list(cache.glob("*/manifest.json"))
+        if manifests and sum(s["rows"] for s in json.loads(manifests[0].read_text())["shards"]) >= 8:
+            break
+        time.sleep(0.02)
+    os.kill(child.pid, how)
+    child.join(60)
+    assert child.exitcode != 0, "the build finished before it could be interrupted"
+    committed = len(FeatureCache(cache).lookup(sorted(p for p in gallery.rglob("*") if p.is_file()), _key(cache)))
+    assert 8 <= committed < 24
+    report = build(gallery, out, cache)
+    assert report.encoded == 24 - committed and report.from_cache == committed and report.count == 24
+
+
+def _key(cache: Path) -> str:
+    (manifest,) = cache.glob("*/manifest.json")
+    return manifest.parent.name

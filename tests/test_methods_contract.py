@@ -38,12 +38,16 @@ def table(tiny_backbone, pixels) -> FeatureTable:
     return FeatureTable([f"img{i}" for i in range(24)], feats.embeds, feats.tokens.half())
 
 
-def _images(method, table: FeatureTable, pixels: torch.Tensor) -> FeatureTable | PixelTable:
+def _images(method, stage: str, table: FeatureTable, pixels: torch.Tensor) -> FeatureTable | PixelTable:
     """Cached features, or for a stage that trains the image encoder the same images encoded by it at every access
-    (as training serves them), so that gradients can reach the encoder."""
-    if method.image_encoder_frozen:
-        return table
-    return PixelTable(table.names, lambda rows: pixels[rows], method.encode_images)
+    (as training serves them), so that gradients can reach the encoder; then through the method's ``prepare_data``
+    (SEARLE computes its OTI teacher tokens there), as ``fit`` does."""
+    images = (
+        table
+        if method.image_encoder_frozen
+        else PixelTable(table.names, lambda rows: pixels[rows], method.encode_images)
+    )
+    return method.prepare_data(stage, images)
 
 
 def _batch_fn(kind: str, table: FeatureTable | PixelTable, batch_size: int = 8):
@@ -112,7 +116,7 @@ def test_only_intended_parameters_train(name, stage, tiny_backbone, table, pixel
     trainable = {id(p) for p in method.trainable_parameters(stage)}
     assert trainable, f"{name}/{stage} trains nothing"
     frozen_before = {n: p.detach().clone() for n, p in method.named_parameters() if id(p) not in trainable}
-    batch = _batch_fn(method.stage(stage).data, _images(method, table, pixels))(0, 0)
+    batch = _batch_fn(method.stage(stage).data, _images(method, stage, table, pixels))(0, 0)
     method.train()
     loss = method.training_loss(stage, batch)["loss"]
     assert torch.isfinite(loss)
@@ -133,7 +137,7 @@ def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, pixels, 
     method = _method(name, tiny_backbone)
     method.prepare_stage(stage)
     kind = method.stage(stage).data
-    batch_fn = _batch_fn(kind, _images(method, table, pixels), batch_size=24 if kind != "captions" else 7)
+    batch_fn = _batch_fn(kind, _images(method, stage, table, pixels), batch_size=24 if kind != "captions" else 7)
 
     def fixed(step: int = 0, micro: int = 0) -> dict:
         # The same examples at every step, gathered anew: pixel-served images are re-encoded by the current weights.
@@ -180,8 +184,8 @@ def test_save_load_round_trip(name, tiny_backbone, table, references, generative
 
 
 def test_list_shows_methods():
-    assert {"image-only", "text-only", "sum", "pic2word", "searle", "lincir", "combiner"} <= set(cirlab.list_methods())
-    assert {"cirevl", "ldre", "osrcir"} <= set(cirlab.list_methods())
+    expected = {"image-only", "text-only", "sum", "pic2word", "searle", "searle-oti", "lincir", "combiner"}
+    assert expected | {"cirevl", "ldre", "osrcir"} <= set(cirlab.list_methods())
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).reads_reference_images])

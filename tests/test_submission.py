@@ -253,7 +253,8 @@ def test_corrupted_cirr_demo_files_fail(real_data, tmp_path, capsys, metric, edi
         (lambda d: d.pop("5"), "query 5: missing"),
         (lambda d: d["7"].__setitem__(1, d["7"][0]), "query 7: duplicate entries"),
         (lambda d: d.__setitem__("800", d["0"]), "unknown key '800'"),
-        (lambda d: d["3"].__setitem__(0, str(d["3"][0])), "query 3: entries that are not integer image ids"),
+        # A digit string is an id the official scorer casts (accepted with a note); anything else is not.
+        (lambda d: d["3"].__setitem__(0, f"coco{d['3'][0]}"), "query 3: entries that are not integer image ids"),
         (lambda d: d["9"].pop(), "query 9: 49 entries, expected exactly 50"),
     ],
 )

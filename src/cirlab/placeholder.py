@@ -42,7 +42,11 @@ def placeholder_positions(input_ids: torch.Tensor, placeholder_id: int) -> torch
 
 
 def splice_pseudo_tokens(
-    token_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, pseudo: torch.Tensor
+    token_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    placeholder_id: int,
+    pseudo: torch.Tensor,
+    first_only: bool = False,
 ) -> torch.Tensor:
     """Replaces the input embedding at every placeholder position with the row's pseudo-word token.
 
@@ -51,6 +55,8 @@ def splice_pseudo_tokens(
         input_ids: token ids, (B, L).
         placeholder_id: the id the tokenizer gives to ``PLACEHOLDER``.
         pseudo: one token per row (B, w); a row with several placeholders gets the same token at each.
+        first_only: replace only each row's first placeholder; later ones keep the embedding of the ``$`` word
+            itself (SEARLE's public encoder does this; LinCIR's replaces every placeholder).
 
     Returns:
         New embeddings (B, L, w); gradients flow into ``pseudo``.
@@ -60,5 +66,8 @@ def splice_pseudo_tokens(
         raise ValueError(f"pseudo tokens must be (B, w) = {want}, got {tuple(pseudo.shape)}")
     import torch
 
-    mask = placeholder_positions(input_ids, placeholder_id).unsqueeze(-1)  # (B, L, 1)
+    mask = placeholder_positions(input_ids, placeholder_id)  # (B, L)
+    if first_only:
+        mask = mask & (mask.cumsum(dim=1) == 1)
+    mask = mask.unsqueeze(-1)  # (B, L, 1)
     return torch.where(mask, pseudo.unsqueeze(1).to(token_embeds.dtype), token_embeds)

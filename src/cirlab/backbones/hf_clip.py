@@ -8,10 +8,10 @@ backbone and the Shapes world's CLIP are this same class with small configs, so 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from cirlab.backbones.transforms import ImageTransform
-from cirlab.io import replace_dir
+from cirlab.io import create_temp_dir, replace_dir
 from cirlab.placeholder import PLACEHOLDER
 from cirlab.registry import BACKBONES
 from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
@@ -35,6 +35,14 @@ def _placeholder_id(tokenizer: Any) -> int:
     if len(ids) != 1:
         raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(ids)} tokens: {ids}")
     return int(ids[0])
+
+
+def _no_cache(create_causal_mask: Any) -> dict[str, None]:
+    """The "no KV cache" argument of ``transformers.masking_utils.create_causal_mask`` under the name this release
+    uses: transformers renamed ``past_key_values`` to ``cache`` (5.2x) and warns on every call with the old name,
+    which filled a server's log with one warning per query."""
+    params = inspect.signature(create_causal_mask).parameters
+    return {"cache": None} if "cache" in params else {"past_key_values": None}
 
 
 class HFCLIPBackbone(nn.Module):
@@ -99,6 +107,15 @@ class HFCLIPBackbone(nn.Module):
         device = self.model.logit_scale.device
         return TokenBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
+    def truncate(self, texts: list[str]) -> list[str]:
+        """``texts`` cut to the tokens the context holds (what ``encode_text`` reads of them), decoded back to text;
+        texts that fit are returned unchanged."""
+        keep = self.context_length - 2  # the start and end tokens take two places
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [
+            t if len(i) <= keep else self.tokenizer.decode(i[:keep]).strip() for t, i in zip(texts, ids, strict=True)
+        ]
+
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids, (B, L) -> (B, L, token_dim)."""
         return self.model.text_model.embeddings.token_embedding(input_ids)
@@ -123,7 +140,10 @@ class HFCLIPBackbone(nn.Module):
         tm = self.model.text_model
         hidden = tm.embeddings(inputs_embeds=input_embeds)  # (B, L, w_t) with positions
         mask = create_causal_mask(
-            config=tm.config, inputs_embeds=hidden, attention_mask=tokens.attention_mask, past_key_values=None
+            config=tm.config,
+            inputs_embeds=hidden,
+            attention_mask=tokens.attention_mask,
+            **_no_cache(create_causal_mask),
         )
         states = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         states = tm.final_layer_norm(states)  # (B, L, w_t)
@@ -179,7 +199,7 @@ class HFCLIPBackbone(nn.Module):
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = create_temp_dir(path.parent, f".{path.name}.")
         try:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)

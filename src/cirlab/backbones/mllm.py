@@ -314,6 +314,10 @@ class MLLMBackbone(nn.Module):
         prompt = self.space.config.text_prompt
         return self.space.pad([self.space.prompt_ids(prompt, s, None) for s in texts])
 
+    def truncate(self, texts: list[str]) -> list[str]:
+        """``texts`` unchanged: the LLM's context holds any caption (nothing is truncated by ``tokenize``)."""
+        return list(texts)
+
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids, (B, L) -> (B, L, token_dim)."""
         return self.model.get_input_embeddings()(input_ids)

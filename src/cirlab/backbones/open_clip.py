@@ -67,6 +67,15 @@ class OpenCLIPBackbone(nn.Module):
         ids = self.tokenizer(list(texts)).to(self.model.logit_scale.device)  # (B, context_length)
         return TokenBatch(ids, (ids != 0).long())
 
+    def truncate(self, texts: list[str]) -> list[str]:
+        """``texts`` cut to the tokens the context holds, decoded back to text (open_clip's BPE tokenizer)."""
+        keep = self.context_length - 2
+        out = []
+        for text in texts:
+            ids = self.tokenizer.encode(text)
+            out.append(text if len(ids) <= keep else self.tokenizer.decode(ids[:keep]).strip())
+        return out
+
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.token_embedding(input_ids)
 

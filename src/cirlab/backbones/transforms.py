@@ -1,7 +1,14 @@
-"""Image preprocessing with PIL + torch (no torchvision): resize, centre crop, normalise.
+"""Image preprocessing with PIL + torch (no torchvision): optional target padding, resize, centre crop, normalise.
 
 The transform travels with the backbone's weights (open_clip's habit): its size, mean and std are read from the
-backbone's own config (``preprocessor_config.json`` for Hugging Face CLIP directories).
+backbone's own config (``preprocessor_config.json`` for Hugging Face CLIP directories), and target padding is part
+of the backbone spec (``hf-clip:openai/clip-vit-large-patch14#targetpad=1.25``, see ``cirlab.backbones``), so a
+checkpoint rebuilds its backbone with the preprocessing it was trained with.
+
+Target padding (CLIP4Cir's and SEARLE's ``targetpad``, ``src/data_utils.py`` of either repository): an image whose
+longer side exceeds ``pad_ratio`` times its shorter side is padded with black, equally on both sides of the shorter
+dimension, until the ratio is ``pad_ratio``; then the CLIP transform runs, so the centre crop no longer cuts off the
+ends of long images (dresses, panoramas).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ if TYPE_CHECKING:
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+MAX_RESIZE_ASPECT = 4
+"""Above this aspect ratio (after resizing) only the centre crop's region is resampled; see ``to_array``."""
 
 # PIL resampling filters by the integer codes Hugging Face image processors store in their configs.
 _RESAMPLE = {
@@ -41,6 +51,7 @@ class ImageTransform:
         mean: per-channel mean, in [0, 1] units.
         std: per-channel std, in [0, 1] units.
         resample: PIL filter code (3 = bicubic, as CLIP).
+        pad_ratio: target padding's aspect ratio (0: none; CLIP4Cir and SEARLE use 1.25).
     """
 
     size: int = 224
@@ -48,25 +59,66 @@ class ImageTransform:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: int = 3
+    pad_ratio: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def identity(self) -> str:
         """A short stable hash of the settings, used in feature-cache keys."""
-        payload = json.dumps([self.size, self.resize_to, list(self.mean), list(self.std), self.resample])
-        return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
+        settings: list[Any] = [self.size, self.resize_to, list(self.mean), list(self.std), self.resample]
+        if self.pad_ratio:
+            # Only when set, so that the keys of unpadded transforms (every cache written so far) stay the same.
+            settings.append(self.pad_ratio)
+        return hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+
+    def target_pad(self, image: Image.Image) -> Image.Image:
+        """``image`` padded with black to aspect ratio ``pad_ratio`` when it is longer than that (else unchanged).
+
+        An extreme strip (1 x 40000) would pad to a canvas of a billion pixels; when the canvas would hold more than
+        ``MAX_RESIZE_ASPECT`` times the image's pixels, the image is first shrunk to twice the resolution the final
+        resize keeps (the padded short side at ``2 * resize_to``), so padding never costs more than a few images'
+        worth of memory. Ordinary photos (aspect below ``MAX_RESIZE_ASPECT * pad_ratio``) take the reference path.
+        """
+        w, h = image.size
+        if not self.pad_ratio or max(w, h) / min(w, h) < self.pad_ratio:
+            return image
+        side = max(w, h) / self.pad_ratio  # the shorter side after padding
+        if side * max(w, h) > MAX_RESIZE_ASPECT * w * h and side > 2 * self.resize_to:
+            scale = 2 * self.resize_to / side
+            resample = _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+            w, h = image.size
+            side = max(w, h) / self.pad_ratio
+        pad_w, pad_h = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
+        padded = Image.new(image.mode, (w + 2 * pad_w, h + 2 * pad_h))
+        padded.paste(image, (pad_w, pad_h))
+        return padded
 
     def to_array(self, image: Image.Image) -> np.ndarray:
-        """Resizes and crops one PIL image; returns float32 (3, size, size), normalised."""
-        image = image.convert("RGB")
+        """Pads (``pad_ratio``), resizes and crops one PIL image; returns float32 (3, size, size), normalised.
+
+        Work and memory are bounded whatever the image's shape. CLIP's rule scales the short side to
+        ``resize_to``, so a 1 x 40000 image would become 224 x 8,960,000 before the crop (gigabytes, a minute).
+        When the resized long side would exceed ``MAX_RESIZE_ASPECT`` times the short side, only the region the
+        centre crop keeps is resampled (``Image.resize(box=...)``: the same filter at the same sampling positions,
+        equal to resizing everything and cropping up to the rounding of PIL's two-pass intermediate); other images
+        take the reference path exactly. Target padding is bounded the same way (see ``target_pad``).
+        """
+        image = self.target_pad(image.convert("RGB"))
         w, h = image.size
         # Same size rule as CLIP's reference preprocessing: the long side is truncated, not rounded.
         short, long = min(w, h), max(w, h)
         new_short, new_long = self.resize_to, int(self.resize_to * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC))
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        resample = _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC)
+        if new_long > MAX_RESIZE_ASPECT * max(new_short, self.size):
+            sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, per axis
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            image = image.resize((self.size, self.size), resample, box=box)
+        else:
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), resample)
+            image = image.crop((left, top, left + self.size, top + self.size))
         arr = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
         arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, size, size)
@@ -85,7 +137,7 @@ class ImageTransform:
 
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (B, H, W, 3), got shape {images.shape}")
-        if images.shape[1] != self.size or images.shape[2] != self.size:
+        if images.shape[1] != self.size or images.shape[2] != self.size:  # square images need no padding
             return self([Image.fromarray(np.asarray(im)) for im in images])
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -93,8 +145,11 @@ class ImageTransform:
         return (x - mean) / std
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The settings as a ``CLIPImageProcessor`` ``preprocessor_config.json`` (readable by transformers)."""
+        """The settings as a ``CLIPImageProcessor`` ``preprocessor_config.json`` (readable by transformers; target
+        padding, which transformers does not do, is kept under ``cirlab_pad_ratio`` when set)."""
+        padding = {"cirlab_pad_ratio": self.pad_ratio} if self.pad_ratio else {}
         return {
+            **padding,
             "image_processor_type": "CLIPImageProcessor",
             "do_convert_rgb": True,
             "do_resize": True,
@@ -124,6 +179,7 @@ class ImageTransform:
             mean=tuple(float(x) for x in cfg.get("image_mean", OPENAI_CLIP_MEAN)),
             std=tuple(float(x) for x in cfg.get("image_std", OPENAI_CLIP_STD)),
             resample=int(cfg.get("resample", 3)),
+            pad_ratio=float(cfg.get("cirlab_pad_ratio", 0.0)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,13 +35,14 @@ def check_submission_cmd(
 ) -> None:
     """Validate a CIRR or CIRCO test-server submission file; list every problem, one per line (exit 1 if any).
 
-    Checks every query is present, no unknown keys, list lengths, duplicates, known names/ids, CIRR version and
+    Checks every query is present, no unknown keys, list lengths, duplicates, known names/ids (CIRCO ids may be
+    digit strings, as the official scorer casts them: accepted with a note), CIRR version and
     metric keys (the CIRR metric file type is detected from its "metric" key), no CIRR reference in its own list,
     and CIRR subset lists drawn only from the query's non-reference img_set members.
 
     Example: `cirlab check-submission test1_pred_ranks_recall.json --dataset cirr --split test1 --annotations data/cirr`
     """
-    from cirlab.evaluation.submission import check_submission, detect_cirr_metric
+    from cirlab.evaluation.submission import check_submission, circo_notes, detect_cirr_metric
     from cirlab.io import read_json
 
     problems = check_submission(file, dataset, split, annotations, gallery=gallery)
@@ -50,7 +51,10 @@ def check_submission_cmd(
             typer.echo(problem)
         typer.echo(f"{file}: INVALID, {len(problems)} problem(s)", err=True)
         raise _failure()
-    kind = f" ({detect_cirr_metric(read_json(file))})" if dataset == "cirr" else ""
+    obj = read_json(file)
+    for note in circo_notes(obj) if dataset == "circo" else []:
+        typer.echo(note)
+    kind = f" ({detect_cirr_metric(obj)})" if dataset == "cirr" else ""
     typer.echo(f"{file}: valid {dataset} {split} submission{kind}")
 
 

@@ -99,12 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # click usage errors and library errors: one clear line, non-zero exit
         import click
 
-        if isinstance(exc, click.exceptions.Abort):
+        # typer carries its own copy of click, whose exceptions are not click's: check both.
+        if isinstance(exc, click.exceptions.Abort | typer.Abort):
             typer.echo("Aborted.", err=True)
             return 130
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
+            exc.show()  # "Usage: ...", then "Error: Invalid value for '--port': ..."
+            return int(getattr(exc, "exit_code", 2))
         typer.echo(f"error: {exc}", err=True)
         return 1
 

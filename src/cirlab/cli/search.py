@@ -33,6 +33,12 @@ def default_backbone(root: Path = SHAPES_ROOT) -> str:
     )
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\n``, ``\\x1b``), so a file name cannot
+    start a line of its own, forge lines of a report or send terminal escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _progress(console):
     from rich.progress import (
         BarColumn,
@@ -147,7 +153,7 @@ def build_cmd(
     if report.unreadable:
         typer.echo(f"skipped {len(report.unreadable)} unreadable file(s):")
         for path, why in sorted(report.unreadable.items()):
-            typer.echo(f"  {path}: {why}")
+            typer.echo(f"  {printable(path)}: {printable(why)}")
 
 
 def search_cmd(
@@ -201,26 +207,61 @@ def search_cmd(
 def serve_cmd(
     index_dir: Annotated[Path, typer.Argument(help="Index directory written by `cirlab index build`.")],
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest accepted upload.")] = 10.0,
+    port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8000,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="A host name or address clients use to reach the server (repeatable; '*.lan' for a domain, '*' "
+            "for any). Loopback names are always allowed; --host's own address is added.",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Require the token in this file's first line on every request (or set CIRLAB_SERVE_TOKEN).",
+        ),
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest accepted upload.", min=0.01)] = 10.0,
     threads: Annotated[
-        int, typer.Option("--threads", help="CPU threads per model call and search (requests run one at a time).")
+        int,
+        typer.Option("--threads", help="CPU threads per model call and search (requests run one at a time).", min=1),
     ] = 1,
     generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
 ) -> None:
     """Serve a web page and a JSON API for searching an index (OpenAPI docs at /docs).
 
+    The server answers only to the host names it is told (loopback by default), so a web page elsewhere cannot
+    reach it through DNS rebinding. To share it on a LAN: listen on the LAN address, name it, and set a token:
+    `cirlab serve INDEX --host 0.0.0.0 --allowed-host photos.lan --token-file ~/.cirlab-token`, then open
+    http://photos.lan:8000/?token=<token> once per browser (it becomes a cookie); API clients send
+    `Authorization: Bearer <token>`. A rebuilt index is picked up without a restart.
+
     Example: `cirlab serve runs/photos-index --port 8000`
     """
     import importlib.util
+    import os
 
     import torch
 
     from cirlab._optional import require
     from cirlab.index import load_index
     from cirlab.serve import create_app
+    from cirlab.serve.app import LOOPBACK_HOSTS
 
     uvicorn = require("uvicorn", extra="serve", purpose="cirlab serve")
+    token = os.environ.get("CIRLAB_SERVE_TOKEN") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").splitlines()[0].strip() if token_file.is_file() else ""
+        except (OSError, IndexError, UnicodeDecodeError):
+            token = ""
+        if not token:
+            raise typer.BadParameter(f"{token_file}: no token in its first line", param_hint="--token-file")
+    allowed = [*LOOPBACK_HOSTS, *(allowed_host or [])]
+    if host not in ("0.0.0.0", "::", ""):
+        allowed.append(host)
     # One query is one small forward pass and one search: extra threads buy little, and on a busy machine their
     # spin-waiting costs 50x (measured in benchmarks/README.md), so the default is one.
     torch.set_num_threads(threads)
@@ -231,10 +272,22 @@ def serve_cmd(
     from cirlab.generation import TextCache, default_generation_cache
 
     index = load_index(index_dir, text_cache=TextCache(generations or default_generation_cache()))
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: listening on {host}; anyone who can reach it can search and view the gallery", err=True)
-    app = create_app(index, max_upload_bytes=int(max_upload_mb * (1 << 20)))
-    typer.echo(f"{index.describe()}\nserving on http://{host}:{port}/ (API docs: http://{host}:{port}/docs)")
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and token is None:
+        typer.echo(
+            f"warning: listening on {host} without a token; anyone who can reach it and names an allowed host can "
+            "search and view the gallery (set --token-file)",
+            err=True,
+        )
+    if not loopback and not allowed_host:
+        typer.echo(
+            "warning: only loopback names and the --host address are allowed; pass --allowed-host NAME for the name "
+            "clients use to reach this machine",
+            err=True,
+        )
+    app = create_app(index, max_upload_bytes=int(max_upload_mb * (1 << 20)), allowed_hosts=allowed, token=token)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"{index.describe()}\nserving on http://{shown}:{port}/ (API docs: http://{shown}:{port}/docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -9,6 +9,14 @@ from typing import Annotated
 import typer
 
 _ROOT = Path("runs/shapes")
+TRAIN_LOCK = ".cirlab-train.lock"
+"""Held (``flock``) in a checkpoint directory while ``cirlab train`` writes into it."""
+
+# Bounds of the loop settings (training.loop.TrainConfig) that would otherwise fail deep inside a run with an
+# unrelated message ("list index out of range" for batch_size=0, "file not found" for negative steps).
+_AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
+_FRACTIONS = ("warmup", "ema_decay")
+_NON_NEGATIVE = ("lr", "weight_decay", "max_grad_norm")
 _SET_HELP = "Config override KEY=VALUE, type-checked (repeatable), e.g. mapping.steps=100 or method.prompt='$ {text}'."
 _METHOD_SET_HELP = (
     "Method config override KEY=VALUE, type-checked (repeatable), e.g. rewrite_prompt=cirevl-structural or "
@@ -105,6 +113,25 @@ def demo_cmd(
     )
 
 
+def check_stage_settings(run_cfg: object, stages: list[str]) -> None:
+    """Refuses loop settings no run can use, naming the ``--set`` key, before anything is built or written."""
+    for stage in stages:
+        cfg = getattr(run_cfg, stage)
+        problems = [
+            f"{key}={getattr(cfg, key)} (must be at least {low})"
+            for key, low in _AT_LEAST.items()
+            if getattr(cfg, key) < low
+        ]
+        problems += [
+            f"{key}={getattr(cfg, key)} (must be in [0, 1])" for key in _FRACTIONS if not 0 <= getattr(cfg, key) <= 1
+        ]
+        problems += [
+            f"{key}={getattr(cfg, key)} (must not be negative)" for key in _NON_NEGATIVE if getattr(cfg, key) < 0
+        ]
+        if problems:
+            raise typer.BadParameter(", ".join(f"{stage}.{p}" for p in problems), param_hint="--set")
+
+
 def train_cmd(
     method: Annotated[str, typer.Argument(help="Registered method name (see `cirlab list`).")],
     dataset: Annotated[
@@ -153,20 +180,28 @@ def train_cmd(
 
     Example: `cirlab train pic2word --dataset shapes --set mapping.steps=200 --out runs/p2w`
     """
+    import contextlib
     import dataclasses
+    import os
     import tempfile
 
-    import torch
-
-    from cirlab.distributed import process_group
-    from cirlab.experiments.shapes_env import prepare_shapes
     from cirlab.io import file_lock
-    from cirlab.methods import METHODS, create_method
-    from cirlab.training.presets import corpus_inputs, dry_run_config, effective_config, resolve_dataset
-    from cirlab.training.run import fit, load_run_config
+    from cirlab.methods import METHODS
+    from cirlab.training.presets import dry_run_config, effective_config, resolve_dataset
+    from cirlab.training.run import load_run_config
 
     cls = METHODS.get(method)
+    names = [s.name for s in cls.stages]
+    unknown = [s for s in stage or [] if s not in names]
+    if unknown:
+        # Checked before anything is written: fit would skip every stage and rewrite the checkpoint's config.json
+        # with settings that never trained its weights.
+        raise typer.BadParameter(
+            f"{method} has no stage {', '.join(map(repr, unknown))}; its stages: {', '.join(names) or 'none'}",
+            param_hint="--stage",
+        )
     run_cfg = load_run_config(method, preset, [*(overrides or []), *(f"data.{d}" for d in data or [])])
+    check_stage_settings(run_cfg, [n for n in names if stage is None or n in stage])
     run_cfg = dataclasses.replace(
         run_cfg, seed=seed, **{s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
     )
@@ -186,6 +221,40 @@ def train_cmd(
         typer.echo(f"dry run of {method} (preset {preset}, {swapped}) with this effective config:")
         typer.echo(effective_config(run_cfg))
         out = out or Path(tempfile.mkdtemp(prefix=f"cirlab-dry-run-{method}-"))
+    out = out or Path("runs/train") / method
+    # One run at a time per checkpoint directory: a second run into the same --out would interleave its log and
+    # checkpoints with the first's and silently win. Only the first process of a torchrun launch (the one that
+    # writes) takes the lock; it is taken before anything is built, so a refused run costs nothing.
+    writer = os.environ.get("RANK", "0") == "0"
+    out_lock = file_lock(out / TRAIN_LOCK, wait=False, purpose=f"training into {out}") if writer else None
+    with out_lock or contextlib.nullcontext():
+        _train(method, cls, run_cfg, source_kind, out, stage, quick, seed, root, dry_run)
+
+
+def _train(
+    method: str,
+    cls: type,
+    run_cfg: object,
+    source_kind: str,
+    out: Path,
+    stage: list[str] | None,
+    quick: bool,
+    seed: int,
+    root: Path,
+    dry_run: bool = False,
+) -> None:
+    """The body of ``train_cmd`` once its arguments are checked and ``--out`` is locked."""
+    import dataclasses
+
+    import torch
+
+    from cirlab.distributed import process_group
+    from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.io import file_lock
+    from cirlab.methods import create_method
+    from cirlab.training.presets import corpus_inputs
+    from cirlab.training.run import fit
+
     if source_kind == "shapes":
         # Under torchrun the first process to get the lock builds the world and its CLIP alone (before the process
         # group exists, so that pretraining is single-process); the others then find them built.
@@ -207,7 +276,6 @@ def train_cmd(
             run_cfg = dataclasses.replace(run_cfg, method=with_standins(method, run_cfg.method, standins))
         torch.manual_seed(seed)
         model = create_method(method, model_backbone, run_cfg.method)
-        out = out or Path("runs/train") / method
         if not cls.stages:
             if world.is_main:
                 model.save(out)
@@ -266,6 +334,14 @@ def eval_cmd(
     if dataset == "shapes":
         from cirlab.experiments.shapes_env import prepare_shapes
 
+        if backbone is not None:
+            from cirlab.backbones import BACKBONES, parse_spec
+
+            BACKBONES.get(parse_spec(backbone)[0])  # an unknown name: the registry's error, exit 1
+            raise typer.BadParameter(
+                "the Shapes world is evaluated with its own CLIP; --backbone applies to real datasets",
+                param_hint="--backbone",
+            )
         env = prepare_shapes(quick=quick, root=root, log=typer.echo)
         if checkpoint:
             model = load_method(checkpoint, backbone=env.backbone)

@@ -14,6 +14,7 @@ joined into one query text; the convention used is stated by ``describe()``.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -100,12 +101,53 @@ def _parse_triplet(
         if target not in gallery:
             raise AnnotationError(f"{path}: {where}: target {target!r} is not in the split's image file")
         targets = [target]
-    extra: dict[str, Any] = {}
-    if caption_join == "both":
-        # Methods that average the features of both orders (SEARLE) read them here; ``text`` stays forward.
-        extra["text_variants"] = [forward, reverse]
-    text = reverse if caption_join == "reverse" else forward
+    text, extra = _query_text(forward, reverse, caption_join)
     return CIRQuery(qid=str(i), reference=reference, text=text, texts=list(captions), targets=targets, extra=extra)
+
+
+def _query_text(forward: str, reverse: str, caption_join: CaptionJoin) -> tuple[str, dict[str, Any]]:
+    """A query's ``text`` and ``extra`` under ``caption_join``."""
+    if caption_join == "both":
+        # The evaluator composes a query per variant and averages the normalised queries (SEARLE, LinCIR).
+        return forward, {"text_variants": [forward, reverse]}
+    return (reverse if caption_join == "reverse" else forward), {}
+
+
+def training_captions(captions: list[str]) -> list[str]:
+    """The training texts of one triplet as CLIP4Cir draws them: ``"<c1> and <c2>"``, ``"<c2> and <c1>"``, ``c1``
+    and ``c2`` (cleaned; empty captions skipped, repeats dropped), one drawn at random per training step."""
+    cleaned = [c for c in (clean_caption(c) for c in captions) if c]
+    options = [join_captions(captions, "forward"), join_captions(captions, "reverse"), *cleaned]
+    return list(dict.fromkeys(o for o in options if o))
+
+
+def with_caption_join(split: CIRSplit, caption_join: CaptionJoin) -> CIRSplit:
+    """The FashionIQ ``split`` with its query texts joined by ``caption_join`` (from each query's raw captions)."""
+    if split.dataset != "fashioniq":
+        raise ValueError(f"{split.name}: caption joining applies to FashionIQ splits only")
+    _check_join(caption_join)
+    queries = []
+    for q in split.queries:
+        text, extra = _query_text(join_captions(q.texts, "forward"), join_captions(q.texts, "reverse"), caption_join)
+        kept = {k: v for k, v in q.extra.items() if k != "text_variants"}
+        queries.append(dataclasses.replace(q, text=text, extra={**kept, **extra}))
+    conventions = (_join_convention(caption_join), *split.protocol.conventions[1:])
+    protocol = dataclasses.replace(split.protocol, conventions=conventions)
+    return dataclasses.replace(split, queries=queries, protocol=protocol)
+
+
+def _check_join(caption_join: str) -> None:
+    if caption_join not in ("forward", "reverse", "both"):
+        raise ValueError(f"caption_join must be 'forward', 'reverse' or 'both', got {caption_join!r}")
+
+
+def _join_convention(caption_join: CaptionJoin) -> str:
+    join_text = {
+        "forward": '"<caption 1> and <caption 2>"',
+        "reverse": '"<caption 2> and <caption 1>"',
+        "both": '"<caption 1> and <caption 2>" and "<caption 2> and <caption 1>", their normalised queries averaged',
+    }[caption_join]
+    return f"query text: {join_text}, captions stripped of whitespace and '.?,', empty captions skipped"
 
 
 @DATASETS.register("fashioniq")
@@ -127,7 +169,8 @@ def load_fashioniq(
         split: ``train``, ``val`` or ``test``.
         category: ``dress``, ``shirt`` or ``toptee``.
         caption_join: "forward" (``"<c1> and <c2>"``, default), "reverse" (``"<c2> and <c1>"``) or "both"
-            (text is forward, ``extra["text_variants"]`` holds both orders).
+            (``extra["text_variants"]`` holds both orders, whose normalised queries the evaluator averages; ``text``
+            is the forward one). A method's own convention (``fashioniq_join``) re-joins the split when evaluated.
         extensions: image file extensions tried in order for each ASIN.
         check_images: verify now that every image exists with one of ``extensions``.
 
@@ -137,26 +180,20 @@ def load_fashioniq(
     """
     if category not in FASHIONIQ_CATEGORIES:
         raise ValueError(f"unknown FashionIQ category {category!r}; expected one of {', '.join(FASHIONIQ_CATEGORIES)}")
-    if caption_join not in ("forward", "reverse", "both"):
-        raise ValueError(f"caption_join must be 'forward', 'reverse' or 'both', got {caption_join!r}")
+    _check_join(caption_join)
     captions_path, split_path = fashioniq_files(annotations_dir, category, split)
     gallery = _read_gallery(split_path)
     entries = read_json_list(captions_path)
     has_gt = ground_truth_presence(entries, "target", captions_path, lambda i, e: f"entry {i}")
     known = set(gallery)
     queries = [_parse_triplet(e, i, captions_path, known, has_gt, caption_join) for i, e in enumerate(entries)]
-    join_text = {
-        "forward": '"<caption 1> and <caption 2>"',
-        "reverse": '"<caption 2> and <caption 1>"',
-        "both": '"<caption 1> and <caption 2>" (text_variants also holds the reversed order)',
-    }[caption_join]
     protocol = Protocol(
         family="fashioniq",
         remove_reference=False,
         has_ground_truth=has_gt,
         recall_ks=RECALL_KS,
         conventions=(
-            f"query text: {join_text}, captions stripped of whitespace and '.?,', empty captions skipped",
+            _join_convention(caption_join),
             "reference kept in the gallery (SEARLE/LinCIR); averages are over the three categories",
             f"image files: <ASIN>{' or <ASIN>'.join(extensions)} (first that exists)",
         ),

@@ -80,6 +80,17 @@ def split_features(
     return FeatureTable(names, embeds, tokens)
 
 
+def method_view(method: Any, split: CIRSplit) -> CIRSplit:
+    """``split`` as ``method`` reads it: a FashionIQ split re-joined by the method's caption convention
+    (``CIRMethod.fashioniq_caption_join``, e.g. Pic2Word's reversed order); any other split unchanged."""
+    join = method.fashioniq_caption_join() if hasattr(method, "fashioniq_caption_join") else ""
+    if split.dataset != "fashioniq" or not join:
+        return split
+    from cirlab.data.fashioniq import with_caption_join
+
+    return with_caption_join(split, join)
+
+
 @torch.no_grad()
 def compose_queries(
     method: Any,
@@ -90,8 +101,10 @@ def compose_queries(
 ) -> torch.Tensor:
     """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``.
 
-    A method that reads the reference images gets them (files of the split, digested once each); one that reads
-    the gallery gets ``gallery`` (computed here from ``features`` when not given).
+    A query with several ``extra["text_variants"]`` (FashionIQ's two caption orders) is the normalised mean of the
+    normalised queries composed with each variant, as SEARLE and LinCIR average them. A method that reads the
+    reference images gets them (files of the split, digested once each); one that reads the gallery gets
+    ``gallery`` (computed here from ``features`` when not given).
     """
     if getattr(method, "reads_gallery", False) and gallery is None:
         gallery = gallery_embeddings(method, split, features)
@@ -99,18 +112,23 @@ def compose_queries(
     out = []
     for start in range(0, len(split.queries), batch_size):
         chunk = split.queries[start : start + batch_size]
-        ref = features.gather(features.rows([q.reference for q in chunk]))
+        texts = [q.extra.get("text_variants") or [q.text] for q in chunk]
+        owner = torch.tensor([i for i, variants in enumerate(texts) for _ in variants])  # (V,) query of each text
+        refs = [q.reference for q, variants in zip(chunk, texts, strict=True) for _ in variants]
+        ref = features.gather(features.rows(refs))
         context = None
         if needs_context(method):
             if method.reads_reference_images:
-                for q in chunk:
-                    if q.reference not in images:
-                        images[q.reference] = ReferenceImage.from_path(split.image_path(q.reference))
+                for name in refs:
+                    if name not in images:
+                        images[name] = ReferenceImage.from_path(split.image_path(name))
             context = QueryContext(
-                images=[images[q.reference] for q in chunk] if method.reads_reference_images else None,
+                images=[images[name] for name in refs] if method.reads_reference_images else None,
                 gallery=gallery,
             )
-        out.append(compose_with_context(method, ref, [q.text for q in chunk], context).float().cpu())
+        composed = compose_with_context(method, ref, [t for v in texts for t in v], context)
+        composed = F.normalize(composed.float().cpu(), dim=-1)  # (V, d)
+        out.append(torch.zeros(len(chunk), composed.shape[1]).index_add_(0, owner, composed))
     return F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
 
@@ -143,6 +161,7 @@ def predict_scores(
     validation, test evaluation and test-server submissions."""
     was_training = method.training
     method.eval()
+    split = method_view(method, split)
     try:
         if features is None:
             features = split_features(method, split, cache=cache)
@@ -172,6 +191,7 @@ def evaluate(
         cache: a ``FeatureCache`` used when ``features`` is None and the image encoder is frozen.
     """
     t0 = time.perf_counter()
+    split = method_view(method, split)
     scores = predict_scores(method, split, features, batch_size, cache)
     metrics = evaluate_scores(split, scores)
     parts = {

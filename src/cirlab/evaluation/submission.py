@@ -5,7 +5,9 @@ Formats (FORMATS.md 1.4 and 2.3):
 * CIRR: two JSON objects, ``{"version": "rc2", "metric": "recall", "<pairid>": [50 names], ...}`` (the top 50 of
   the full gallery, the reference excluded) and the same with ``"metric": "recall_subset"`` and the top 3 of the
   query's 5 non-reference ``img_set`` members; every pairid of the split present; at most 5 MB each.
-* CIRCO: ``{"0": [50 unique int COCO ids], ..., "799": [...]}``; every query id, no other key.
+* CIRCO: ``{"0": [50 unique int COCO ids], ..., "799": [...]}``; every query id, no other key. Ids written as digit
+  strings (``"397133"``) are accepted, with a note: the official scorer casts every id to int, and SEARLE's and
+  LinCIR's submission scripts write strings.
 
 Writers rank with ``cirlab.evaluation.protocols`` (the same path as validation metrics), check the object with the
 same validator :func:`check_submission` uses, and write atomically. :func:`score_submission` scores a file of a
@@ -139,10 +141,35 @@ def cirr_problems(obj: Any, split: CIRSplit, metric: str | None = None) -> list[
     return problems
 
 
+def circo_id(value: Any) -> int | None:
+    """A CIRCO image id as the official scorer reads it: an int, or a string of digits cast to int; else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def circo_notes(obj: Any) -> list[str]:
+    """Remarks on a valid CIRCO submission that do not make it invalid (ids given as digit strings)."""
+    if not isinstance(obj, dict):
+        return []
+    stringly = sorted(
+        (k for k, v in obj.items() if isinstance(v, list) and any(isinstance(x, str) for x in v)), key=str
+    )
+    if not stringly:
+        return []
+    return [
+        f"note: {len(stringly)} queries give image ids as digit strings (e.g. query {stringly[0]}); accepted, since "
+        "the official CIRCO scorer casts every id to int (SEARLE's and LinCIR's scripts write strings)"
+    ]
+
+
 def circo_problems(obj: Any, split: CIRSplit) -> list[str]:
     """Every problem of a CIRCO submission object for ``split`` (empty when valid).
 
-    Ids are checked against the gallery when the split has one (the COCO image list was found).
+    Ids are ints or digit strings (see :func:`circo_id`). They are checked against the gallery when the split has
+    one (the COCO image list was found).
     """
     if not isinstance(obj, dict):
         return [f"the top level must be a JSON object, got {type(obj).__name__}"]
@@ -159,7 +186,10 @@ def circo_problems(obj: Any, split: CIRSplit) -> list[str]:
             continue
         value = obj[qid]
         length = min(CIRCO_K, len(split.gallery)) if split.gallery else CIRCO_K
-        problems += _list_problems(qid, value, length, int, "integer image ids")
+        if isinstance(value, list):
+            # Digit strings count as the ids they cast to (duplicates included), as the official scorer reads them.
+            value = [circo_id(v) if circo_id(v) is not None else v for v in value]
+        problems += _list_problems(qid, value, length, int, "integer image ids (or digit strings)")
         if isinstance(value, list) and known:
             unknown = [v for v in value if isinstance(v, int) and str(v) not in known]
             if unknown:
@@ -287,7 +317,7 @@ def score_submission(
     p = the_split.protocol
     out: dict[str, float] = {}
     if "circo" in parsed:
-        rankings = [parsed["circo"][q.qid] for q in queries]
+        rankings = [[circo_id(v) for v in parsed["circo"][q.qid]] for q in queries]
         gts = [[int(t) for t in q.targets] for q in queries]
         for k in p.map_ks:
             out[f"map_at_{k}"] = M.circo_map_at_k(rankings, gts, k)

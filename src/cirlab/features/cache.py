@@ -9,19 +9,29 @@ Layout under ``root``::
 
     hash_memo.sqlite                        path -> content digest, keyed by stat (hashing.StatMemo)
     <encoder_key>/manifest.json             storage dtype, array shapes, committed shards in commit order
-    <encoder_key>/.lock                     flock'ed around manifest updates
+    <encoder_key>/.lock                     flock'ed around manifest updates and shard renames
     <encoder_key>/shards/<id>.keys.npy      the content key of every row of shard <id>
     <encoder_key>/shards/<id>.<name>.npy    one array per output name, (rows, *shape), memory-mapped on read
+    <encoder_key>/claims/<chunk>.lock       flock'ed by the process encoding that chunk of items (work sharing)
 
-Writes are append-only and crash-safe: a shard's files are filled under temporary names and renamed into place,
-and only then is the shard added to the manifest (replaced atomically, under the lock). A crash leaves at most
-unreferenced files, never a manifest that points at partial data; shards committed before it stay usable. When
-``encode_fn`` raises, the rows of the shard in progress are committed before the error propagates, so the next
-run encodes only what is still missing; an interrupt (``KeyboardInterrupt``) discards that shard instead.
+Writes are append-only, crash-safe and durable: a shard's files are written with plain writes under temporary
+names (each ``flock``-ed by its writer), flushed to disk, renamed into place and added to the manifest (replaced
+atomically) in one step under the lock. A crash leaves at most temporaries or unreferenced files, which the next
+writer of that encoder key deletes (a temporary whose lock it can take has no live writer), never a manifest that
+points at partial data; shards committed before it stay usable. A full disk fails a write with an ``OSError``
+naming the shard file, and its temporaries are deleted.
+
+Progress is committed when a shard fills (``shard_bytes``) and every ``commit_seconds`` (10 s by default), so an
+interrupted run of any size resumes where it stopped. When ``encode_fn`` raises, and on an interrupt
+(``KeyboardInterrupt``, Ctrl-C), the complete rows of the shard in progress are committed before it propagates.
 
 Processes may fill one cache concurrently: shard names are unique and a manifest update re-reads the manifest
-under the lock. When two of them computed the same image, the shard committed first wins. Locking uses
-``fcntl.flock`` (POSIX). One ``FeatureCache`` object is not thread-safe.
+under the lock. Processes asking for the same items share the work: each claims a chunk of items before encoding
+it, skips chunks another process has claimed, and at the end waits for those and encodes only what is still
+missing (``_EncodeRun``). When two of them computed the same image anyway, the shard committed first wins.
+Locking uses ``fcntl.flock`` (POSIX). One ``FeatureCache`` object is not thread-safe. Caches written by earlier
+cirlab versions read as before, but processes writing one cache at the same time must all run this version (an
+earlier writer renamed its files outside the lock, so they could be taken for a killed writer's leftovers).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cirlab.features.hashing import StatMemo, hash_bytes, hash_files
-from cirlab.io import atomic_path, atomic_write_json, read_json
+from cirlab.io import atomic_write_json, create_temp_file, fsync_dir, read_json
 
 OnError = Literal["raise", "skip"]
 EncodeOutput = Any  # an (B, ...) array / tensor, or a mapping name -> (B, ...) array / tensor
@@ -49,7 +60,17 @@ Progress = Callable[[int, int], None]
 
 MANIFEST_VERSION = 1
 SHARD_BYTES = 256 << 20
-"""Target size of one shard: bounds the work a crash can lose (about 87K rows of 768 float32)."""
+"""Largest shard (about 87K rows of 768 float32); a shard is committed when it is this full."""
+
+COMMIT_SECONDS = 10.0
+"""A shard is also committed once it has been open this long, so a crash loses at most this much encoding."""
+
+CLAIM_ITEMS = 256
+"""Average items per claimed chunk when processes share the encoding (see ``claim_chunks``)."""
+
+OPEN_MAPS = 256
+"""Shard arrays one encoder key keeps memory-mapped at once. Each map holds a file descriptor, and commits every
+``COMMIT_SECONDS`` make many small shards, so the least recently used maps are let go beyond this."""
 
 READ_BLOCK_BYTES = 64 << 20
 """Bytes gathered from a shard per step when assembling features, bounding temporary memory."""
@@ -133,11 +154,13 @@ class _Namespace:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.shard_dir = directory / "shards"
+        self.claim_dir = directory / "claims"
         self.dtype: str | None = None
         self.arrays: dict[str, tuple[int, ...]] = {}
         self.shards: list[dict[str, Any]] = []
         self.index: dict[str, tuple[int, int]] = {}
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # at most OPEN_MAPS, LRU
+        self._cleaned = False
 
     @property
     def manifest_path(self) -> Path:
@@ -186,94 +209,187 @@ class _Namespace:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def commit(self, shard_id: str, rows: int, dtype: str, arrays: Mapping[str, tuple[int, ...]]) -> None:
-        """Appends a fully written shard to the manifest, then refreshes the index."""
+    def remove_stale(self) -> list[Path]:
+        """Deletes what killed writers left behind; call under :meth:`lock`. Returns the removed paths.
+
+        A writer creates its temporaries under the lock and holds an ``flock`` on each until it commits or gives
+        up, so a temporary whose lock can be taken belongs to a dead process. Shard files are renamed to their
+        final names only under the lock, together with the manifest update, so a final-named file that the
+        manifest does not list was left by a writer killed in between. Manifest temporaries are written only
+        under the lock, so any found while holding it are stale.
+        """
+        removed = []
+        self.refresh()
+        committed = {entry["id"] for entry in self.shards}
+        if self.shard_dir.is_dir():
+            for path in self.shard_dir.iterdir():
+                if path.name.endswith(".tmp"):
+                    if not _held_by_a_live_writer(path):
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
+                elif path.name.endswith(".npy") and path.name.split(".", 1)[0] not in committed:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        for path in self.dir.glob(".manifest.json.*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    def commit(self, writer: _ShardWriter) -> None:
+        """Renames a finished shard's files into place and appends it to the manifest (one locked step)."""
         with self.lock():
             manifest = self._read_manifest() or {
                 "version": MANIFEST_VERSION,
-                "dtype": dtype,
-                "arrays": {name: list(shape) for name, shape in arrays.items()},
+                "dtype": writer.dtype,
+                "arrays": {name: list(shape) for name, shape in writer.shapes.items()},
                 "shards": [],
             }
             self.dtype = manifest["dtype"]
             self.arrays = {name: tuple(shape) for name, shape in manifest["arrays"].items()}
-            self.check_schema(dtype, arrays)  # another process may have created the namespace meanwhile
-            manifest["shards"].append({"id": shard_id, "rows": rows})
+            self.check_schema(writer.dtype, writer.shapes)  # another process may have created the namespace
+            writer.rename_into_place()
+            manifest["shards"].append({"id": writer.shard_id, "rows": writer.rows})
             atomic_write_json(self.manifest_path, manifest)
         self.refresh()
 
-    def discard(self, shard_id: str) -> None:
-        """Removes the files of a shard that could not be committed."""
-        for path in self.shard_dir.glob(f"{shard_id}.*.npy"):
-            path.unlink(missing_ok=True)
-
     def memmap(self, pos: int, name: str) -> np.ndarray:
         """Read-only memory map of array ``name`` of the shard at manifest position ``pos``, (rows, *shape)."""
-        if (pos, name) not in self._maps:
-            entry = self.shards[pos]
-            full = np.load(self.shard_dir / f"{entry['id']}.{name}.npy", mmap_mode="r")
-            self._maps[pos, name] = full[: entry["rows"]]  # rows past a skipped item's slot are never written
-        return self._maps[pos, name]
+        mm = self._maps.get((pos, name))
+        if mm is not None:
+            self._maps.move_to_end((pos, name))
+            return mm
+        entry = self.shards[pos]
+        full = np.load(self.shard_dir / f"{entry['id']}.{name}.npy", mmap_mode="r")
+        mm = self._maps[pos, name] = full[: entry["rows"]]
+        while len(self._maps) > OPEN_MAPS:
+            self._maps.popitem(last=False)  # its descriptor closes once no caller holds a view of it
+        return mm
+
+
+def _held_by_a_live_writer(path: Path) -> bool:
+    """Whether some process holds an ``flock`` on ``path`` (a writer still filling it)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except FileNotFoundError:
+        return True  # gone already
 
 
 class _ShardWriter:
-    """Fills one new shard's arrays through memory maps under temporary names; renamed into place on success.
+    """Fills one new shard with plain sequential writes under temporary names, each held under an ``flock``.
 
-    Used as a context manager: leaving the block normally renames the files onto their final names (the shard
-    still has to be committed to the manifest); leaving it by an exception deletes them.
+    No memory map is written to: a full disk then fails a ``write`` with an ``OSError`` naming the file (a memory
+    map over a sparse file gets SIGBUS instead, killing the process without a word). Each ``.npy`` temporary
+    starts with a header for 0 rows; :meth:`finish` rewrites it for the rows written (numpy pads headers so that
+    the row count can grow in place), cuts off anything past them, and flushes everything to disk.
     """
 
-    def __init__(self, shard_dir: Path, dtype: str, arrays: Mapping[str, tuple[int, ...]], capacity: int) -> None:
+    def __init__(self, ns: _Namespace, dtype: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.shard_id = _new_shard_id()
+        self.dtype = dtype
+        self.shapes = dict(shapes)
         self.rows = 0
-        self.capacity = capacity
-        self._shard_dir = shard_dir
-        self._dtype = dtype
-        self._shapes = dict(arrays)
+        self._shard_dir = ns.shard_dir
         self._keys: list[str] = []
-        self._maps: dict[str, np.ndarray] = {}
-        self._keys_tmp: Path | None = None
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> _ShardWriter:
-        self._shard_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:  # if opening fails half-way, the temporaries made so far are removed
-            for name, shape in self._shapes.items():
-                tmp = stack.enter_context(atomic_path(self._shard_dir / f"{self.shard_id}.{name}.npy"))
-                # (capacity, *shape); sparse on disk until written, and the OS pages it out as it fills.
-                self._maps[name] = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=self._dtype, shape=(self.capacity, *shape)
-                )
-            self._keys_tmp = stack.enter_context(atomic_path(self._shard_dir / f"{self.shard_id}.keys.npy"))
-            self._stack = stack.pop_all()
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc_type is None:
+        self._files: dict[str, tuple[Path, Any]] = {}  # name -> (temporary, open file holding its flock)
+        self._header: dict[str, int] = {}  # name -> header bytes
+        with ns.lock():  # created under the namespace lock, so a cleaner never sees them unlocked
+            if not ns._cleaned:
+                ns.remove_stale()
+                ns._cleaned = True
+            self._shard_dir.mkdir(parents=True, exist_ok=True)
             try:
-                for array in self._maps.values():
-                    array.flush()
-                with open(self._keys_tmp, "wb") as f:
-                    np.save(f, np.array(self._keys, dtype=str))  # (rows,) fixed-width unicode, no pickle
-            except BaseException as err:
-                self._maps.clear()
-                self._stack.__exit__(type(err), err, err.__traceback__)  # deletes the temporaries
+                for name in (*self.shapes, "keys"):
+                    tmp = create_temp_file(self._shard_dir, f".{self.shard_id}.{name}.npy.")
+                    f = open(tmp, "r+b")  # noqa: SIM115 (kept open, and locked, until the shard is committed)
+                    self._files[name] = (tmp, f)
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                for name, shape in self.shapes.items():
+                    self._write_header(name, (0, *shape))
+            except BaseException:
+                self.discard()
                 raise
-        self._maps.clear()  # drop the memory maps before the files are renamed or deleted
-        return bool(self._stack.__exit__(exc_type, exc, tb))
 
-    @property
-    def free(self) -> int:
-        return self.capacity - self.rows
+    def final_path(self, name: str) -> Path:
+        return self._shard_dir / f"{self.shard_id}.{name}.npy"
 
-    def append(self, keys: Sequence[str], arrays: Mapping[str, np.ndarray]) -> int:
-        """Writes as many leading items as fit; returns how many were taken."""
-        n = min(len(keys), self.free)
-        for name, target in self._maps.items():
-            target[self.rows : self.rows + n] = arrays[name][:n]  # cast to the storage dtype here
-        self._keys.extend(keys[:n])
-        self.rows += n
-        return n
+    def _write_header(self, name: str, shape: tuple[int, ...]) -> None:
+        _tmp, f = self._files[name]
+        header = {"descr": np.dtype(self.dtype).str, "fortran_order": False, "shape": shape}
+        try:
+            f.seek(0)
+            np.lib.format.write_array_header_1_0(f, header)
+            self._header[name] = f.tell()
+        except OSError as err:
+            raise _full_disk_error(err, self.final_path(name)) from err
+
+    def append(self, keys: Sequence[str], arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes the rows of ``keys`` (cast to the storage dtype); they count only once every array has them."""
+        for name in self.shapes:
+            _tmp, f = self._files[name]
+            data = np.ascontiguousarray(arrays[name], dtype=self.dtype)
+            try:
+                f.seek(self._header[name] + self.rows * _row_bytes(self.shapes[name], self.dtype))
+                f.write(memoryview(data).cast("B"))
+            except OSError as err:
+                raise _full_disk_error(err, self.final_path(name)) from err
+        self._keys.extend(keys)
+        self.rows += len(keys)
+
+    def finish(self) -> None:
+        """Fixes the headers and lengths for the rows written, writes the keys, and flushes all files to disk."""
+        for name, shape in self.shapes.items():
+            self._write_header(name, (self.rows, *shape))
+            _tmp, f = self._files[name]
+            try:
+                f.truncate(self._header[name] + self.rows * _row_bytes(shape, self.dtype))
+            except OSError as err:
+                raise _full_disk_error(err, self.final_path(name)) from err
+        _tmp, f = self._files["keys"]
+        try:
+            f.seek(0)
+            np.save(f, np.array(self._keys, dtype=str))  # (rows,) fixed-width unicode, no pickle
+        except OSError as err:
+            raise _full_disk_error(err, self.final_path("keys")) from err
+        for name, (_tmp, f) in self._files.items():
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as err:
+                raise _full_disk_error(err, self.final_path(name)) from err
+
+    def rename_into_place(self) -> None:
+        """Renames the finished temporaries onto their final names (under the namespace lock) and closes them."""
+        for name, (tmp, _f) in self._files.items():
+            os.replace(tmp, self.final_path(name))
+        fsync_dir(self._shard_dir)
+        self._close()
+
+    def _close(self) -> None:
+        for _tmp, f in self._files.values():
+            with contextlib.suppress(OSError):  # flushing what is buffered fails again on a full disk
+                f.close()  # releases its flock
+        self._files.clear()
+
+    def discard(self) -> None:
+        """Deletes the temporaries of a shard that will not be committed."""
+        for tmp, _f in self._files.values():
+            tmp.unlink(missing_ok=True)  # before closing: a file still locked is never taken for a dead writer's
+        self._close()
+
+
+def _row_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _full_disk_error(err: OSError, path: Path) -> OSError:
+    """A write error that names the shard file being written (``write`` itself names none)."""
+    return OSError(err.errno, f"{err.strerror or err} while writing the feature cache", str(path))
 
 
 class CachedFeatures:
@@ -391,6 +507,7 @@ class FeatureCache:
         root: str | os.PathLike,
         *,
         shard_bytes: int = SHARD_BYTES,
+        commit_seconds: float = COMMIT_SECONDS,
         hash_workers: int = 4,
         stat_memo: bool = True,
     ) -> None:
@@ -398,12 +515,16 @@ class FeatureCache:
 
         Args:
             root: cache directory (see :func:`default_cache_dir`).
-            shard_bytes: target size of one shard; each shard is committed when full.
+            shard_bytes: largest shard; a shard is committed when full.
+            commit_seconds: a shard is also committed once open this long (what an interrupted run can lose).
             hash_workers: threads hashing image files.
             stat_memo: remember file digests by stat signature to skip re-hashing unchanged files.
         """
+        if commit_seconds < 0 or shard_bytes < 1:
+            raise ValueError(f"need shard_bytes >= 1 and commit_seconds >= 0, got {shard_bytes}, {commit_seconds}")
         self.root = Path(root)
         self.shard_bytes = shard_bytes
+        self.commit_seconds = commit_seconds
         self.hash_workers = hash_workers
         self._memo = StatMemo(self.root / "hash_memo.sqlite") if stat_memo else None
         self._namespaces: dict[str, _Namespace] = {}
@@ -579,9 +700,10 @@ class FeatureCache:
             if content not in ns.index:
                 todo.setdefault(content, pos)
         encode_errors: dict[str, str] = {}
+        n_encoded = 0
         if todo:
-            batches = _encode_batches(list(todo.items()), encode, batch_size, on_error, encode_errors, progress)
-            self._write_shards(ns, batches, dtype, len(todo))
+            run = _EncodeRun(self, ns, dtype, encode, batch_size, on_error, encode_errors, progress)
+            n_encoded = run.run(list(todo.items()))
         ok = [i for i, content in enumerate(keys) if content in ns.index]
         for i, content in enumerate(keys):
             if content not in ns.index:
@@ -592,55 +714,8 @@ class FeatureCache:
             keys=[keys[i] for i in ok],
             positions=np.array([positions[i] for i in ok], dtype=np.int64),
             failed={items[pos]: failures[pos] for pos in sorted(failures)},
-            n_encoded=len(todo) - len(encode_errors),
+            n_encoded=n_encoded,
         )
-
-    def _write_shards(
-        self,
-        ns: _Namespace,
-        batches: Iterator[tuple[list[str], dict[str, np.ndarray]]],
-        dtype: str,
-        n_todo: int,
-    ) -> None:
-        """Streams encoded batches into shards of about ``shard_bytes``, committing each as it fills."""
-        carry = next(batches, None)
-        if carry is None:
-            return
-        shapes = _schema(carry[1])
-        ns.check_schema(dtype, shapes)  # fail before writing anything when the outputs do not match the store
-        row_bytes = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values()) * np.dtype(dtype).itemsize
-        rows_per_shard = max(1, self.shard_bytes // max(1, row_bytes))
-        written = 0
-        while carry is not None:
-            failure: Exception | None = None
-            with _ShardWriter(ns.shard_dir, dtype, shapes, min(rows_per_shard, n_todo - written)) as writer:
-                try:
-                    while writer.free:
-                        # Encode the next batch only while this shard has room, so that a failing encode_fn never
-                        # takes a full shard down with it.
-                        carry = carry if carry is not None else next(batches, None)
-                        if carry is None:
-                            break
-                        if _schema(carry[1]) != shapes:
-                            raise ValueError(f"encode_fn changed its outputs from {shapes} to {_schema(carry[1])}")
-                        taken = writer.append(*carry)
-                        rest = len(carry[0]) - taken
-                        carry = (carry[0][taken:], {n: a[taken:] for n, a in carry[1].items()}) if rest else None
-                except Exception as err:
-                    if not writer.rows:
-                        raise
-                    # The rows written so far are complete: keep them (hours of encoding, maybe), then re-raise.
-                    # An interrupt (KeyboardInterrupt) is not caught here and discards the partial shard.
-                    failure = err
-            try:
-                ns.commit(writer.shard_id, writer.rows, dtype, shapes)
-            except BaseException:
-                ns.discard(writer.shard_id)
-                raise
-            if failure is not None:
-                raise failure
-            written += writer.rows
-            carry = carry if carry is not None else next(batches, None)
 
 
 def _check_on_error(on_error: str) -> None:
@@ -659,35 +734,237 @@ def _storage_dtype(requested: str | None, ns: _Namespace) -> str:
     return ns.dtype or "float32"
 
 
-def _encode_batches(
-    todo: list[tuple[str, int]],
+def claim_chunks(todo: Sequence[tuple[str, int]]) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Splits ``(content key, position)`` items into claimable chunks with content-defined boundaries.
+
+    A chunk ends after an item whose key hashes to 0 modulo ``CLAIM_ITEMS`` (or at ``4 * CLAIM_ITEMS`` items), and
+    is named by its last key; so two processes asked for the same items in the same order cut them into the same
+    chunks under the same names, even when one of them starts part-way (some items were cached already).
+    """
+    chunks: list[tuple[str, list[tuple[str, int]]]] = []
+    current: list[tuple[str, int]] = []
+    for item in todo:
+        current.append(item)
+        boundary = int(hash_bytes(item[0].encode())[:8], 16) % CLAIM_ITEMS == 0
+        if boundary or len(current) >= 4 * CLAIM_ITEMS:
+            chunks.append((hash_bytes(current[-1][0].encode())[:24], current))
+            current = []
+    if current:
+        chunks.append((hash_bytes(current[-1][0].encode())[:24], current))
+    return chunks
+
+
+class _Claim:
+    """An ``flock`` on ``claims/<name>.lock``: this process encodes that chunk; others wait for its commit."""
+
+    def __init__(self, path: Path, f: Any) -> None:
+        self.path = path
+        self._f = f
+
+    @classmethod
+    def take(cls, directory: Path, name: str, wait: bool) -> _Claim | None:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.lock"
+        f = open(path, "a")  # noqa: SIM115 (held until the chunk is committed)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return None
+        except BaseException:
+            f.close()
+            raise
+        return cls(path, f)
+
+    def release(self) -> None:
+        """Lets go of the claim and removes its file (a process waiting on it re-checks what is committed)."""
+        self.path.unlink(missing_ok=True)
+        self._f.close()
+
+
+class _EncodeRun:
+    """One call's encoding: claims chunks, encodes batches, and commits shards by size and by time.
+
+    Work is shared with other processes asking for the same items: each chunk of items is claimed before it is
+    encoded; a chunk another process has claimed is skipped and, at the end, waited for and re-checked, so
+    concurrent builds or trainings over one gallery split the encoding instead of each doing all of it. A claim is
+    held until the shard holding its rows is committed. Before waiting for another process's claim, everything
+    pending is committed and every claim released, so no two processes ever wait for each other.
+
+    Rows are committed when a shard reaches ``shard_bytes`` and whenever ``commit_seconds`` have passed since the
+    shard was opened, so an interrupted encoding of any size loses at most that much work. When ``encode_fn``
+    raises, or on an interrupt (``KeyboardInterrupt``), the rows written so far are committed before the error
+    propagates.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        ns: _Namespace,
+        dtype: str,
+        encode: Callable[[list[int]], EncodeOutput],
+        batch_size: int,
+        on_error: OnError,
+        errors: dict[str, str],
+        progress: Progress | None,
+    ) -> None:
+        self.cache = cache
+        self.ns = ns
+        self.dtype = dtype
+        self.encode = encode
+        self.batch_size = batch_size
+        self.on_error = on_error
+        self.errors = errors
+        self.progress = progress
+        self.writer: _ShardWriter | None = None
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.rows_per_shard = 0
+        self.finished: list[_Claim] = []  # chunks fully handed out: released at the next commit
+        self.current: _Claim | None = None  # the chunk being handed out
+        self.done = 0
+        self.total = 0
+        self.encoded = 0
+        self.last_commit = time.monotonic()
+
+    def run(self, todo: list[tuple[str, int]]) -> int:
+        """Encodes the missing items ``todo`` (content key, request position); returns how many it encoded."""
+        self.total = len(todo)
+        try:
+            batch: list[tuple[str, int]] = []
+            for item in self._items(claim_chunks(todo)):
+                if item is _FLUSH:
+                    self._encode(batch)
+                    batch = []
+                    self._commit()
+                    continue
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    self._encode(batch)
+                    batch = []
+            self._encode(batch)
+            self._commit()
+        except BaseException:
+            # Keep the complete rows written so far (hours of encoding, maybe), then re-raise; a failing commit
+            # (the disk is full) discards them instead.
+            try:
+                self._commit()
+            except BaseException:
+                self._discard()
+            finally:
+                self._release_all()
+            raise
+        return self.encoded
+
+    def _items(self, chunks: list[tuple[str, list[tuple[str, int]]]]) -> Iterator[Any]:
+        """The items to encode, claiming each chunk first; ``_FLUSH`` asks for a commit before a wait."""
+        deferred = []
+        for name, chunk in chunks:
+            claim = _Claim.take(self.ns.claim_dir, name, wait=False)
+            if claim is None:
+                deferred.append((name, chunk))
+                continue
+            yield from self._hand_out(claim, chunk)
+        for name, chunk in deferred:
+            yield _FLUSH  # commit and release everything before waiting for another process
+            yield from self._hand_out(_Claim.take(self.ns.claim_dir, name, wait=True), chunk)
+
+    def _hand_out(self, claim: _Claim, chunk: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+        self.current = claim
+        self.ns.refresh()  # another process may have committed some of these meanwhile
+        for key, pos in chunk:
+            if key in self.ns.index:
+                self.done += 1
+            else:
+                yield key, pos
+        self.finished.append(claim)
+        self.current = None
+
+    def _encode(self, batch: list[tuple[str, int]]) -> None:
+        if not batch:
+            return
+        for keys, arrays in _encode_batch(batch, self.encode, self.on_error, self.errors):
+            self._write(keys, arrays)
+        self.done += len(batch)
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+    def _write(self, keys: list[str], arrays: dict[str, np.ndarray]) -> None:
+        shapes = _schema(arrays)
+        if self.shapes is None:
+            self.ns.check_schema(self.dtype, shapes)  # fail before writing anything when outputs do not match
+            self.shapes = shapes
+            row_bytes = sum(_row_bytes(s, self.dtype) for s in shapes.values())
+            self.rows_per_shard = max(1, self.cache.shard_bytes // max(1, row_bytes))
+        elif shapes != self.shapes:
+            raise ValueError(f"encode_fn changed its outputs from {self.shapes} to {shapes}")
+        while keys:
+            if self.writer is None:
+                self.writer = _ShardWriter(self.ns, self.dtype, self.shapes)
+            n = min(len(keys), self.rows_per_shard - self.writer.rows)
+            self.writer.append(keys[:n], {name: a[:n] for name, a in arrays.items()})
+            self.encoded += n
+            keys, arrays = keys[n:], {name: a[n:] for name, a in arrays.items()}
+            if self.writer.rows >= self.rows_per_shard:
+                self._commit()
+        if self.writer is not None and time.monotonic() - self.last_commit >= self.cache.commit_seconds:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commits the open shard (if it has rows) and releases the claims of chunks fully handed out."""
+        writer, self.writer = self.writer, None
+        self.last_commit = time.monotonic()
+        if writer is not None:
+            if writer.rows:
+                try:
+                    writer.finish()
+                    self.ns.commit(writer)
+                except BaseException:
+                    writer.discard()
+                    raise
+            else:
+                writer.discard()
+        for claim in self.finished:
+            claim.release()
+        self.finished = []
+
+    def _discard(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.discard()
+
+    def _release_all(self) -> None:
+        for claim in [*self.finished, *([self.current] if self.current else [])]:
+            claim.release()
+        self.finished, self.current = [], None
+
+
+_FLUSH = object()
+"""Marker in the item stream of ``_EncodeRun``: encode the partial batch and commit before going on."""
+
+
+def _encode_batch(
+    batch: list[tuple[str, int]],
     encode: Callable[[list[int]], EncodeOutput],
-    batch_size: int,
     on_error: OnError,
     errors: dict[str, str],
-    progress: Progress | None,
 ) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
     """Yields ``(keys, arrays)`` for the items that encoded; with ``on_error="skip"`` records failures in ``errors``.
 
     Only exceptions raised by ``encode`` count as item failures; malformed outputs always raise ``ValueError``.
     """
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        keys, positions = [k for k, _ in batch], [p for _, p in batch]
-        try:
-            raw = encode(positions)
-        except Exception:
-            if on_error == "raise":
-                raise
-            # One item of the batch may be the culprit (a corrupt image): retry one at a time to keep the rest.
-            for key, pos in batch:
-                try:
-                    raw = encode([pos])
-                except Exception as err:
-                    errors[key] = f"{type(err).__name__}: {err}"
-                else:
-                    yield [key], _as_arrays(raw, 1)
-        else:
-            yield keys, _as_arrays(raw, len(batch))
-        if progress is not None:
-            progress(min(start + batch_size, len(todo)), len(todo))
+    keys, positions = [k for k, _ in batch], [p for _, p in batch]
+    try:
+        raw = encode(positions)
+    except Exception:
+        if on_error == "raise":
+            raise
+        # One item of the batch may be the culprit (a corrupt image): retry one at a time to keep the rest.
+        for key, pos in batch:
+            try:
+                raw = encode([pos])
+            except Exception as err:
+                errors[key] = f"{type(err).__name__}: {err}"
+            else:
+                yield [key], _as_arrays(raw, 1)
+    else:
+        yield keys, _as_arrays(raw, len(batch))

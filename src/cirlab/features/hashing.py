@@ -13,11 +13,14 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from cirlab.io import open_regular_file, regular_file_error
 
 DIGEST_SIZE = 16
 """Bytes of BLAKE2b output: 128 bits, 32 hex characters; collisions are not a practical concern."""
@@ -41,13 +44,14 @@ def hash_array(array: np.ndarray) -> str:
 
 
 def hash_file(path: str | os.PathLike) -> str:
-    """Hex digest of a file's bytes, read in chunks.
+    """Hex digest of a regular file's bytes, read in chunks.
 
     Raises:
-        OSError: the file is missing or unreadable; the error's ``filename`` is the path.
+        OSError: the file is missing, unreadable or not a regular file (a named pipe or a device is never opened:
+            reading one could block forever or never end); the message names the path.
     """
     h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         while chunk := f.read(READ_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -131,7 +135,11 @@ def hash_files(
     todo: list[str] = []
     for path in unique:
         try:
-            sig = stat_signature(os.stat(path))
+            st = os.stat(path)
+            why = regular_file_error(path, st)
+            if why is not None:
+                raise (IsADirectoryError if stat.S_ISDIR(st.st_mode) else OSError)(why)
+            sig = stat_signature(st)
         except OSError as err:
             results[path] = err
             continue

@@ -5,6 +5,15 @@ them), keeps the rows of files whose content the previous index already embedded
 only new or changed files (through the feature cache, so content it has seen before is not encoded again), drops
 rows of files that are gone, lists unreadable files and skips them, and commits the result atomically
 (``cirlab.index.store``).
+
+The encoding is committed to the feature cache as it goes (every ``FeatureCache.commit_seconds`` and whenever a
+shard fills), so a build that is killed or interrupted resumes where it stopped: the next one finds those features
+in the cache and encodes only the rest.
+
+What is indexed: regular files with an image suffix, found by walking the folder without following links to
+directories (no loops, nothing outside the folder by that road). A file that is a symbolic link is followed only
+when its target lies inside the folder too; links leading out, named pipes, devices and sockets are listed as
+skipped and never opened.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from cirlab.features.hashing import StatMemo, hash_files
 from cirlab.index.ann import AnnConfig, build_ann, write_ann
 from cirlab.index.encode import Progress, encode_gallery_files
 from cirlab.index.model import load_model
-from cirlab.index.store import IndexFormatError, read_generation, write_generation
+from cirlab.index.store import IndexFormatError, claim_directory, read_generation, write_generation
 
 HASH_MEMO = "hash_memo.sqlite"
 """The feature cache's path -> digest memo (``cirlab.features.cache`` layout), shared so files are hashed once."""
@@ -65,6 +74,9 @@ class BuildReport:
 def find_images(root: Path, skip: Path | None = None) -> list[str]:
     """Image files under ``root`` (recursive, common formats, hidden entries skipped), as sorted relative paths.
 
+    Links to directories are not descended into; a listed name may still be a link or a special file, which
+    :func:`screen_file` tells apart.
+
     Args:
         root: the gallery folder.
         skip: a folder never descended into (the index directory, when it lies inside the gallery).
@@ -82,14 +94,29 @@ def find_images(root: Path, skip: Path | None = None) -> list[str]:
     return sorted(found)
 
 
+def screen_file(root: Path, rel: str) -> str | None:
+    """Why the listed file ``root / rel`` is not indexed without being opened, or None when it may be read.
+
+    ``root`` is resolved, and the walk never enters a linked directory, so only the last component can be a link.
+    """
+    path = root / rel
+    if not os.path.islink(path):
+        return None
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(root):
+        return f"{path}: a symbolic link to {target}, outside the indexed folder; not followed"
+    return None
+
+
 @dataclass
 class _Previous:
     """What a rebuild takes from the previous index: its digests, its embeddings when the model is unchanged
-    (else None), and the files it could not decode (digest -> reason), which are not tried again unchanged."""
+    (else None), and the files it could not decode ((path, digest) -> reason), which are not tried again while
+    both are unchanged."""
 
     digests: list[str] = field(default_factory=list)
     embeddings: np.ndarray | None = None
-    undecodable: dict[str, str] = field(default_factory=dict)
+    undecodable: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> _Previous:
@@ -100,7 +127,7 @@ def _previous(out: Path, model_key: str, log: Callable[[str], None]) -> _Previou
     except IndexFormatError as err:
         log(f"ignoring the previous index ({err}); rebuilding from scratch")
         return _Previous()
-    undecodable = {u["digest"]: u["error"] for u in old.manifest.get("unreadable", []) if u.get("digest")}
+    undecodable = {(u["path"], u["digest"]): u["error"] for u in old.manifest.get("unreadable", []) if u.get("digest")}
     if old.manifest["model"].get("key") != model_key:
         log("the model changed since the previous build; embedding every image again")
         return _Previous(old.digests, None, undecodable)
@@ -125,7 +152,8 @@ def build_index(
 
     Args:
         images: gallery folder (searched recursively).
-        out: index directory (created; an existing index there is updated incrementally).
+        out: index directory: new, empty, or an existing index (updated incrementally); any other directory is
+            refused, so no file of the user's is ever replaced or deleted.
         backbone: backbone spec (``hf-clip:<hub id or dir>``, ``tiny``); None with a checkpoint uses its own.
         method: training-free method name or checkpoint directory (see ``cirlab.index.model.load_model``).
         approximate: settings of an approximate index to build beside the embeddings; None for exact search only.
@@ -141,26 +169,38 @@ def build_index(
 
     Raises:
         ValueError: no readable image in the folder, or a bad model description.
+        IndexFormatError: ``out`` is not empty and not an index.
     """
     t0 = time.perf_counter()
     root, out = Path(images).resolve(), Path(out).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    claim_directory(out)
     cache = cache if cache is not None else FeatureCache(default_cache_dir())
     model, spec = load_model(backbone, method, device)
     rel_paths = find_images(root, skip=out)
     if not rel_paths:
         raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     report = BuildReport()
-    digests = hash_files([root / p for p in rel_paths], StatMemo(cache.root / HASH_MEMO), cache.hash_workers)
+    screened = {rel: why for rel in rel_paths if (why := screen_file(root, rel)) is not None}
+    report.unreadable.update(screened)
+    to_hash = [rel for rel in rel_paths if rel not in screened]
+    hashed = hash_files([root / p for p in to_hash], StatMemo(cache.root / HASH_MEMO), cache.hash_workers)
+    digest_by_rel = dict(zip(to_hash, hashed, strict=True))
+    digests: list[str | OSError | None] = [digest_by_rel.get(rel) for rel in rel_paths]
     previous = _previous(out, spec.key, log)
     old_digests, old_embeddings = previous.digests, previous.embeddings
     old_rows = {d: i for i, d in enumerate(old_digests)} if old_embeddings is not None else {}
     readable = [i for i, d in enumerate(digests) if isinstance(d, str)]
     for i, d in enumerate(digests):
-        if not isinstance(d, str):
+        if isinstance(d, OSError):
             report.unreadable[rel_paths[i]] = f"{type(d).__name__}: {d}"
     for i in readable:
-        if digests[i] in previous.undecodable:  # the same bytes failed to decode last time: do not try again
-            report.unreadable[rel_paths[i]] = previous.undecodable[digests[i]]
+        # The same file with the same bytes failed to decode last time: do not try again. Keyed by path too, so
+        # another file with those bytes (two empty files, say) gets its own message naming it.
+        reason = previous.undecodable.get((rel_paths[i], digests[i]))
+        if reason is not None:
+            report.unreadable[rel_paths[i]] = reason
     todo = [i for i in readable if digests[i] not in old_rows and rel_paths[i] not in report.unreadable]
     t_encode = time.perf_counter()
     encoded = encode_gallery_files(

@@ -22,19 +22,21 @@ from cirlab.methods.base import CONFIG_FILE, WEIGHTS_FILE, CIRMethod, create_met
 from cirlab.registry import METHODS
 
 
-def training_free_methods(with_generators: bool = False) -> list[str]:
+def training_free_methods(costly: bool = False) -> list[str]:
     """Registered methods that compose queries without training and embed the gallery as the plain backbone does,
     so they can query any gallery the plain backbone embedded.
 
     Args:
-        with_generators: include methods that run a captioner or a language model (CIReVL, LDRE, OSrCIR). An index
-            offers those only when built with them: their models are configuration of the index, not defaults to
-            download on a query.
+        costly: include methods that run a captioner or a language model (CIReVL, LDRE, OSrCIR) or optimise for
+            each query (SEARLE-OTI). An index offers those only when built with them: their models and their cost
+            are configuration of the index, not something a query brings on.
     """
     return [
         name
         for name, cls in ((n, METHODS.get(n)) for n in METHODS.list())
-        if not cls.stages and cls.encode_gallery is CIRMethod.encode_gallery and (with_generators or not cls.generators)
+        if not cls.stages
+        and cls.encode_gallery is CIRMethod.encode_gallery
+        and (costly or not (cls.generators or cls.optimises_per_query))
     ]
 
 
@@ -107,7 +109,7 @@ def load_model(backbone: str | None, method: str, device: str | torch.device = "
         if METHODS.get(method).stages:
             raise ValueError(
                 f"method {method!r} needs training; pass its checkpoint directory (from `cirlab train {method}`) "
-                f"or a training-free method ({', '.join(training_free_methods(with_generators=True))})"
+                f"or a training-free method ({', '.join(training_free_methods(costly=True))})"
             )
         if not backbone:
             raise ValueError("no backbone given; pass one such as hf-clip:<hub id or model dir>")

@@ -7,12 +7,17 @@ Layout of ``INDEX_DIR``::
     items-<gen>.json           {"paths": [...], "digests": [...]}: row i is the image at ``root / paths[i]``
     ann-<gen>.faiss            the approximate index, when one was built
     .lock                      flock'ed while a build writes and cleans up
+    .cirlab-index              marks the directory as an index's from the first build on (see ``claim_directory``)
 
 Every data file of a build carries that build's generation id and is written under a temporary name and renamed
 into place; ``index.json`` is replaced last, atomically, and is the commit point. A build killed at any moment
 leaves either the previous manifest (whose files are still there: old generations are deleted only after the new
 manifest is in place) or the new one with all of its files, never a manifest that points at partial data. Stray
 files of an interrupted build are removed by the next build.
+
+A build writes only into a directory that is new, empty, or already an index (``claim_directory``), and removes
+only files named exactly as it names its own (``<kind>-<generation id>`` and their temporaries), so files of the
+user's are never overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -30,13 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.io import atomic_path, atomic_write_json, read_json
+from cirlab.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 INDEX_FILE = "index.json"
+MARKER_FILE = ".cirlab-index"
 FORMAT = "cirlab-gallery-index"
 VERSION = 1
-_DATA_FILE = re.compile(r"^(embeddings-[0-9a-f-]+\.npy|items-[0-9a-f-]+\.json|ann-[0-9a-f-]+\.faiss)$")
-_TEMP_FILE = re.compile(r"^\.(embeddings|items|ann|index)[-.].*\.tmp$")
+_GENERATION = r"[0-9a-f]{12,}-[0-9a-f]{8}"  # new_generation(): nanoseconds in hex, then 8 hex digits
+_DATA_NAME = rf"(embeddings-{_GENERATION}\.npy|items-{_GENERATION}\.json|ann-{_GENERATION}\.faiss)"
+_DATA_FILE = re.compile(rf"^{_DATA_NAME}$")
+_TEMP_FILE = re.compile(rf"^\.({_DATA_NAME}|index\.json|\.cirlab-index)\.[A-Za-z0-9_]+\.tmp$")
 
 
 class IndexFormatError(ValueError):
@@ -69,6 +77,32 @@ def build_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim_directory(directory: Path) -> None:
+    """Makes ``directory`` an index directory, refusing one that holds anything else.
+
+    A directory qualifies when it is new, empty, marked by an earlier build (``.cirlab-index``, written first, so a
+    build killed before its first commit still counts), or holds a cirlab ``index.json`` (indexes written before
+    the marker existed). The marker is written when missing.
+
+    Raises:
+        IndexFormatError: ``directory`` is a file, or a non-empty directory that is not a cirlab index.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise IndexFormatError(f"{directory}: exists and is not a directory; choose another --out")
+    if directory.is_dir() and not (directory / MARKER_FILE).is_file() and any(directory.iterdir()):
+        try:
+            read_manifest(directory)
+        except IndexFormatError:
+            raise IndexFormatError(
+                f"{directory}: not empty and not a cirlab index (no {MARKER_FILE} or cirlab {INDEX_FILE}); refusing "
+                "to write an index among other files (a build replaces and removes files in its directory); "
+                "choose a new or empty directory"
+            ) from None
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / MARKER_FILE).is_file():
+        atomic_write_text(directory / MARKER_FILE, f"{FORMAT}: this directory is a cirlab gallery index\n")
 
 
 def write_generation(

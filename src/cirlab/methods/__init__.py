@@ -11,6 +11,7 @@ from cirlab.methods import (  # noqa: F401  (registration)
     osrcir,
     pic2word,
     searle,
+    searle_oti,
     tmcir,
 )
 from cirlab.methods.base import CIRMethod, Stage, create_method, load_method, register_method

@@ -68,6 +68,8 @@ class CIRMethod(nn.Module):
         reads_gallery: ``compose`` needs the gallery's embeddings (``QueryContext.gallery``).
         generators: config fields holding a text generator's spec (``hf-captioner:<id>``, ...), each with its role
             (``captioner``, ``rewriter``, ``reasoner``); a method with generators keeps its texts in ``text_cache``.
+        optimises_per_query: ``compose`` runs an optimisation for each reference (SEARLE-OTI's textual inversion),
+            so a query costs many backbone passes.
         text_cache: where generated texts are looked up and recorded (in memory unless a caller sets a file-backed
             ``cirlab.generation.TextCache``); None for methods without generators.
     """
@@ -80,6 +82,7 @@ class CIRMethod(nn.Module):
     reads_reference_images: ClassVar[bool] = False
     reads_gallery: ClassVar[bool] = False
     generators: ClassVar[dict[str, str]] = {}
+    optimises_per_query: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, config: Any = None) -> None:
         super().__init__()
@@ -154,6 +157,19 @@ class CIRMethod(nn.Module):
         ``fused`` = ``z(I, T)``, computed once through the feature cache (the backbone must be a ``PairEncoder``).
         """
         return False
+
+    def prepare_data(self, stage: str, images: Any) -> Any:
+        """Called by the trainer with ``stage``'s image table (``FeatureTable`` or pixels) before the stage trains;
+        returns the table the stage trains on (by default ``images`` itself). Batches of an ``images`` stage carry
+        ``batch["rows"]``, the rows of the returned table, so a method can keep per-image targets computed here
+        (SEARLE's OTI tokens)."""
+        return images
+
+    def fashioniq_caption_join(self) -> str:
+        """How the method reads a FashionIQ query's two captions: ``forward``, ``reverse`` or ``both`` (the two
+        orders' normalised queries averaged); empty: as the split was loaded. Read from ``config.fashioniq_join``
+        when the method's config has one."""
+        return str(getattr(self.config, "fashioniq_join", "") or "")
 
     def prepare_stage(self, stage: str) -> None:
         """Sets ``requires_grad`` so that exactly ``trainable_parameters(stage)`` are trained; call before a stage."""
@@ -275,6 +291,10 @@ def load_method(path: str | Path, backbone: nn.Module | None = None, device: str
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    wrong = sorted(k for k in own if tuple(state[k].shape) != tuple(own[k].shape))
+    if wrong:
+        more = " ..." if len(wrong) > 5 else ""
+        raise ValueError(f"{weights}: tensors whose shapes do not fit {meta['method']}: {wrong[:5]}{more}")
     result = method.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{weights}: unexpected tensors {result.unexpected_keys[:5]}")

@@ -1,12 +1,31 @@
-"""Supervised upper bound: a small Combiner (in the spirit of CLIP4Cir, Baldrati et al. 2022) trained on a
-benchmark's training triplets with the backbone frozen.
+"""The supervised upper bound: CLIP4Cir's Combiner (Baldrati et al., "Effective conditioned and composed image
+retrieval combining CLIP-based features", CVPR 2022; "Composed Image Retrieval using Contrastive Learning and
+Task-oriented CLIP-based Features", TOMM 2023), trained on a benchmark's training triplets.
 
-Our design (METHODS.md): an MLP over ``[v_ref; t(text)]`` predicts a mixing weight and a residual added to the
-weighted sum of the two normalised embeddings; InfoNCE against ``v_target`` with in-batch negatives.
+Known (public code, github.com/ABaldrati/CLIP4Cir):
+
+* Stage ``finetune`` (optional, ``src/clip_fine_tune.py``): CLIP's text encoder, image encoder or both (``--encoder``;
+  the README command: both) fine-tuned with the element-wise sum ``q = norm(v_ref + t)`` of the raw features,
+  cross-entropy over in-batch targets at logit scale 100; AdamW, lr 2e-6, betas (0.9, 0.999), eps 1e-7.
+* Stage ``combiner`` (``src/combiner.py``, ``src/combiner_train.py``): CLIP frozen; the *raw* text and image features
+  each go through Linear(d, p)-ReLU-Dropout(0.5) (``p`` = ``--projection-dim``, 2560 = 4 d for RN50x4); their
+  concatenation through Linear(2p, h)-ReLU-Dropout(0.5)-Linear(h, d) (``h`` = ``--hidden-dim``, 5120 = 8 d) and a
+  dynamic scalar Linear(2p, h)-ReLU-Dropout(0.5)-Linear(h, 1)-Sigmoid ``lam``;
+  ``q = norm(out + lam * t + (1 - lam) * v)`` (a residual over the raw features); cross-entropy over in-batch
+  targets at logit scale 100; Adam at a constant lr 2e-5, no weight decay, no clipping, PyTorch's default init.
+* FashionIQ training text: one of ``"c1 and c2"``, ``"c2 and c1"``, ``c1``, ``c2`` at random per step (the training
+  data serves these, ``cirlab.data.fashioniq.training_captions``); validation on all three categories
+  (``data.val: fashioniq/val``). Preprocessing ``targetpad`` (the backbone spec's ``#targetpad=1.25``).
+
+Every setting is a ``CombinerConfig`` field whose default is the public code's. Departures available as fields:
+``finetune: none`` (CLIP stays frozen), ``normalize_inputs`` (the combiner reads L2-normalised features), the
+widths and dropout. Remaining departure: the training loop never decays biases and norm weights unless the stage
+sets ``decay_all`` (stage 1's AdamW decays every parameter by 0.01 in the public code; the presets set it).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,59 +35,103 @@ from torch import nn
 
 from cirlab.methods.base import CIRMethod, Stage, register_method
 from cirlab.modules.losses import info_nce
-from cirlab.modules.pseudo_word import text_embeds
 from cirlab.types import ImageFeatures
+
+FINETUNE = ("none", "text", "image", "both")
 
 
 @dataclass
 class CombinerConfig:
-    """Attributes: hidden: MLP width (default 4d when 0). dropout: MLP dropout. temperature: InfoNCE temperature."""
+    """Attributes:
+    projection_dim: width of the text and image projections (0: 4 d). hidden_dim: combiner width (0: 8 d).
+    dropout: dropout of every combiner layer. temperature: cross-entropy temperature (1 / logit scale).
+    normalize_inputs: the combiner reads L2-normalised features (the public code: raw ones).
+    finetune: stage 1 fine-tunes CLIP's ``text``, ``image`` or ``both`` encoders (``none``: no stage 1).
+    """
 
-    hidden: int = 0
-    dropout: float = 0.1
-    temperature: float = 0.05
+    projection_dim: int = 0
+    hidden_dim: int = 0
+    dropout: float = 0.5
+    temperature: float = 0.01
+    normalize_inputs: bool = False
+    finetune: str = "both"
 
 
 @register_method("combiner")
 class Combiner(CIRMethod):
-    """Supervised combiner of frozen image and text embeddings (upper bound for zero-shot methods)."""
+    """CLIP4Cir: optional fine-tuning of CLIP with the element-wise sum, then the Combiner on frozen features."""
 
     config_class = CombinerConfig
-    stages = (Stage("combiner", "triplets", zero_shot=False),)
+    stages = (Stage("finetune", "triplets", zero_shot=False), Stage("combiner", "triplets", zero_shot=False))
     supervised = True
 
     def __init__(self, backbone: Any, config: CombinerConfig | None = None) -> None:
-        super().__init__(backbone, config)
+        cfg = config if config is not None else CombinerConfig()
+        if not isinstance(cfg, CombinerConfig):
+            raise TypeError(f"combiner: expected CombinerConfig, got {type(cfg).__name__}")
+        if cfg.finetune not in FINETUNE:
+            raise ValueError(f"combiner finetune must be one of {FINETUNE}, got {cfg.finetune!r}")
+        # Fine-tuning must never touch the shared backbone: the method then owns a copy.
+        super().__init__(copy.deepcopy(backbone) if cfg.finetune != "none" else backbone, cfg)
+        self.stages = type(self).stages[1:] if cfg.finetune == "none" else type(self).stages
         d = backbone.embed_dim
-        hidden = self.config.hidden or 4 * d
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * d, hidden), nn.ReLU(), nn.Dropout(self.config.dropout), nn.Linear(hidden, hidden), nn.ReLU()
-        )
-        self.residual = nn.Linear(hidden, d)
-        self.gate = nn.Linear(hidden, 1)
-        # Starts as the plain sum: the residual is zero and the gate is 0.5.
-        nn.init.zeros_(self.residual.weight)
-        nn.init.zeros_(self.residual.bias)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        p, h, drop = cfg.projection_dim or 4 * d, cfg.hidden_dim or 8 * d, cfg.dropout
+        self.text_projection = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(drop))
+        self.image_projection = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(drop))
+        self.combiner_layer = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(drop))
+        self.output_layer = nn.Linear(h, d)
+        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(drop), nn.Linear(h, 1))
+
+    @property
+    def image_encoder_frozen(self) -> bool:
+        """False when stage 1 fine-tunes (or fine-tuned) the image encoder: cached features are then stale."""
+        return self.config.finetune in ("none", "text") and super().image_encoder_frozen
+
+    def _inputs(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        return F.normalize(features, dim=-1) if self.config.normalize_inputs else features
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """The (possibly fine-tuned) text encoder's raw embeddings (B, d)."""
+        return self.backbone.encode_text(self.backbone.tokenize(texts)).embeds.float()
 
     def combine(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Normalised image and text embeddings (B, d) -> composed query (B, d), L2-normalised."""
-        h = self.mlp(torch.cat([v, t], dim=-1))  # (B, hidden)
-        alpha = torch.sigmoid(self.gate(h))  # (B, 1)
-        return F.normalize(alpha * v + (1 - alpha) * t + self.residual(h), dim=-1)
+        """Image and text features (B, d) -> composed query (B, d), L2-normalised."""
+        v, t = self._inputs(v), self._inputs(t.to(v.device))
+        joint = torch.cat([self.text_projection(t), self.image_projection(v)], dim=-1)  # (B, 2p)
+        lam = torch.sigmoid(self.dynamic_scalar(joint))  # (B, 1)
+        return F.normalize(self.output_layer(self.combiner_layer(joint)) + lam * t + (1 - lam) * v, dim=-1)
 
     def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
-        v = F.normalize(reference.embeds.float(), dim=-1)
-        return self.combine(v, text_embeds(self.backbone, texts))
+        return self.combine(reference.embeds.to(self.backbone.device), self.text_features(texts))
+
+    def _encoder_parameters(self) -> list[nn.Parameter]:
+        image = list(self.backbone.image_encoder_parameters())
+        image_ids = {id(q) for q in image}
+        logit_scale = getattr(self.backbone, "logit_scale", None)
+        text = [q for q in self.backbone.parameters() if id(q) not in image_ids and q is not logit_scale]
+        return {"text": text, "image": image, "both": text + image}[self.config.finetune]
 
     def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
         self.stage(stage)
-        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+        if stage == "finetune":
+            return self._encoder_parameters()
+        return [q for name, q in self.named_parameters() if not name.startswith("backbone.")]
+
+    def prepare_stage(self, stage: str) -> None:
+        super().prepare_stage(stage)
+        self.mark_backbone_finetuned(stage)
 
     def training_loss(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            t = text_embeds(self.backbone, batch["text"])
-        v = F.normalize(batch["ref"].embeds.float(), dim=-1)
-        target = F.normalize(batch["target"].embeds.float(), dim=-1)
-        return {"loss": info_nce(self.combine(v, t), target, self.config.temperature)}
+        self.stage(stage)
+        device = self.backbone.device
+        v, target = batch["ref"].embeds.to(device).float(), batch["target"].embeds.to(device).float()
+        target = F.normalize(target, dim=-1)
+        if stage == "finetune":
+            # CLIP4Cir's element-wise sum of the raw features.
+            q = F.normalize(v + self.text_features(batch["text"]), dim=-1)
+        else:
+            with torch.no_grad():
+                t = self.text_features(batch["text"])
+            q = self.combine(v, t)
+        return {"loss": info_nce(q, target, self.config.temperature)}

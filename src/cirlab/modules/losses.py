@@ -70,3 +70,29 @@ def info_nce(
         reverse = logits.t() if all_keys is keys else keys @ gather_with_grad(queries)[0].t() / temperature  # (B, G)
         loss = 0.5 * (loss + F.cross_entropy(reverse, labels))
     return loss
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
+    """NT-Xent (SimCLR's loss; SEARLE distils ``phi`` with it): ``a[i]`` and ``b[i]`` are positives, every other row
+    of both sets is a negative.
+
+    Both sets are L2-normalised here. Each of the 2B anchors scores against the other 2B - 1 rows; the loss is the
+    mean over anchors of the cross-entropy of its positive.
+
+    Args:
+        a: (B, w), e.g. teacher tokens.
+        b: (B, w), e.g. predicted tokens.
+        temperature: softmax temperature.
+        gather: under ``torch.distributed``, every process's rows are negatives too.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    all_a, offset = gather_with_grad(a) if gather else (a, 0)  # (G, w)
+    all_b = gather_with_grad(b)[0] if gather else b  # (G, w)
+    g, n = all_a.shape[0], a.shape[0]
+    keys = torch.cat([all_a, all_b])  # (2G, w)
+    local = torch.arange(n, device=a.device) + offset
+    logits = torch.cat([a, b]) @ keys.t() / temperature  # (2B, 2G)
+    self_index = torch.cat([local, local + g])  # where each anchor sits among the keys
+    logits[torch.arange(2 * n, device=a.device), self_index] = float("-inf")
+    positives = torch.cat([local + g, local])
+    return F.cross_entropy(logits, positives)

@@ -13,11 +13,12 @@ class Pic2WordMapper(nn.Module):
         in_dim: image embedding size ``d``.
         out_dim: text token width ``w_t``.
         hidden: hidden width (512 in the paper).
-        layers: number of Linear/Dropout/ReLU blocks before the output layer (3 in the public code).
+        layers: number of Linear/Dropout/ReLU blocks before the output layer (IM2TEXT's ``n_layer``, 2 in the
+            public code).
         dropout: dropout rate (0.1).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, layers: int = 3, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, layers: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         width = in_dim

@@ -9,18 +9,24 @@ from cirlab.placeholder import fill_prompt, splice_pseudo_tokens
 from cirlab.types import TextFeatures
 
 
-def encode_with_pseudo(backbone, prompts: list[str], pseudo: torch.Tensor) -> TextFeatures:
-    """Encodes ``prompts`` (each with one ``$``) with ``pseudo`` (B, w_t) spliced at the placeholder."""
+def encode_with_pseudo(backbone, prompts: list[str], pseudo: torch.Tensor, first_only: bool = False) -> TextFeatures:
+    """Encodes ``prompts`` (each with at least one ``$``) with ``pseudo`` (B, w_t) spliced at the placeholder (every
+    one, or with ``first_only`` the first of each prompt)."""
     tokens = backbone.tokenize(prompts)
     embeds = backbone.token_embeddings(tokens.input_ids)  # (B, L, w_t)
-    embeds = splice_pseudo_tokens(embeds, tokens.input_ids, backbone.placeholder_token_id, pseudo)
+    embeds = splice_pseudo_tokens(embeds, tokens.input_ids, backbone.placeholder_token_id, pseudo, first_only)
     return backbone.encode_text_embeds(embeds, tokens)
 
 
-def prompt_query(backbone, template: str, texts: list[str], pseudo: torch.Tensor) -> torch.Tensor:
-    """``norm(t(template with {text} filled and $ := pseudo))``, shape (B, d)."""
+def prompt_query(
+    backbone, template: str, texts: list[str], pseudo: torch.Tensor, first_only: bool = False
+) -> torch.Tensor:
+    """``norm(t(template with {text} filled and $ := pseudo))``, shape (B, d).
+
+    A modification text may itself hold a ``$``; with ``first_only`` only the template's (first) one is replaced.
+    """
     prompts = [fill_prompt(template, t) for t in texts]
-    return F.normalize(encode_with_pseudo(backbone, prompts, pseudo).embeds.float(), dim=-1)
+    return F.normalize(encode_with_pseudo(backbone, prompts, pseudo, first_only).embeds.float(), dim=-1)
 
 
 def text_embeds(backbone, texts: list[str]) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 
 from cirlab.data.benchmark import CIRSplit, load_splits
 from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
+from cirlab.data.fashioniq import training_captions
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
 from cirlab.features.backbone import backbone_cache_key, cached_pair_table
@@ -58,8 +59,8 @@ class DataOptions:
         annotations: the benchmark's annotation root (upstream layout).
         benchmark_images: the benchmark's image root.
         categories: FashionIQ categories whose train triplets are used (empty: all three).
-        val: validation split as ``<benchmark>/<split>`` or ``fashioniq/<split>/<category>`` (empty: no
-            validation; each stage keeps its last step).
+        val: validation split as ``<benchmark>/<split>`` or ``fashioniq/<split>/<category>``; ``fashioniq/<split>``
+            validates on the three categories, averaged (empty: no validation; each stage keeps its last step).
         limit: read only the first N samples of each corpus (0: all); dry runs use a few.
         num_workers: DataLoader workers reading corpora (and threads decoding images).
         encode_batch_size: images per encoder call when filling the feature cache.
@@ -137,7 +138,10 @@ class CorpusSource(SplitSource):
             if not self.options.annotations:
                 raise ValueError(f"split {name!r} needs data.annotations (the {family} annotation root)")
             if family == "fashioniq" and not category:
-                raise ValueError(f"{name!r}: a FashionIQ split names its category, e.g. fashioniq/{split}/dress")
+                raise ValueError(
+                    f"{name!r}: a FashionIQ split names its category, e.g. fashioniq/{split}/dress (as data.val, "
+                    f"fashioniq/{split} validates on all three categories)"
+                )
             options = {"category": category} if family == "fashioniq" else {}
             images = self.options.benchmark_images or None
             (self._splits[name],) = load_splits(family, self.options.annotations, images, split, **options)
@@ -394,7 +398,8 @@ class CorpusSource(SplitSource):
             if pseudo_manifest is None:
                 for q in split.queries:
                     paths.setdefault(q.targets[0], str(split.image_path(q.targets[0])))
-                    triplets.append(Triplet(paths[q.reference], q.text, paths[q.targets[0]]))
+                    texts = tuple(training_captions(q.texts)) if split.dataset == "fashioniq" else ()
+                    triplets.append(Triplet(paths[q.reference], q.text, paths[q.targets[0]], texts))
             else:
                 # FashionIQ query ids restart in every category, so each category has its own generated folder.
                 folder = pseudo_manifest / split.category if split.category else pseudo_manifest

@@ -69,11 +69,16 @@ def _choice_rng(seed: int, step: int, micro: int) -> random.Random:
 
 @dataclass
 class Triplet:
-    """A (reference image, modification text, target image) training example; images by name."""
+    """A (reference image, modification text, target image) training example; images by name.
+
+    ``texts``, when given, are the text's alternatives, one drawn at random per step (FashionIQ's four caption
+    combinations, as CLIP4Cir trains).
+    """
 
     reference: str
     text: str
     target: str
+    texts: tuple[str, ...] = ()
 
 
 def make_batch_fn(
@@ -114,7 +119,7 @@ def make_batch_fn(
         rng = _choice_rng(seed, step, micro)
         if kind == "images":
             idx, local = indices(len(images), step, micro)
-            return {"image": images.gather(idx[local])}
+            return {"image": images.gather(idx[local]), "rows": idx[local]}
         if kind == "pairs":
             idx, local = indices(len(images), step, micro)
             drawn = [rng.choice(captions[i]) for i in idx.tolist()]
@@ -126,11 +131,13 @@ def make_batch_fn(
             return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked][local]}
         if kind in ("triplets", "synthetic_triplets", "pseudo_triplets"):
             idx, local = indices(len(triplets), step, micro)
+            # Drawn for the whole global batch, so that the processes together see what one process would.
+            texts = [rng.choice(t.texts) if t.texts else t.text for t in (triplets[i] for i in idx.tolist())]
             chosen = [triplets[i] for i in idx[local].tolist()]
             target_rows = images.rows([t.target for t in chosen])
             out = {
                 "ref": images.gather(images.rows([t.reference for t in chosen])),
-                "text": [t.text for t in chosen],
+                "text": texts[local],
                 "target": images.gather(target_rows),
                 "target_rows": target_rows,
             }

@@ -55,7 +55,12 @@ class TrainConfig:
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per optimizer step.
         lr: peak learning rate.
-        weight_decay: AdamW weight decay.
+        optimizer: ``adamw`` (decoupled weight decay) or ``adam`` (``weight_decay`` as an L2 term, 0 for none).
+        betas: Adam's moment decays.
+        eps: Adam's epsilon.
+        weight_decay: weight decay.
+        decay_all: decay biases and norm weights too (as an optimiser built over all parameters does: SEARLE,
+            LinCIR); False leaves them undecayed (open_clip's and Pic2Word's habit).
         warmup: fraction of ``steps`` with linear warm-up.
         schedule: ``cosine`` (to zero) or ``constant`` after warm-up.
         max_grad_norm: gradient clipping (0 disables).
@@ -72,7 +77,11 @@ class TrainConfig:
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 1e-3
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     weight_decay: float = 0.01
+    decay_all: bool = False
     warmup: float = 0.05
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
@@ -149,7 +158,8 @@ def _named_trainables(module: nn.Module, params: list[nn.Parameter]) -> dict[str
 
 
 def param_groups(named: dict[str, nn.Parameter], cfg: TrainConfig, lr_scales: dict[int, float]) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms, and one group per (decay, learning-rate scale) pair.
+    """Optimizer groups: no weight decay on biases and norms (unless ``cfg.decay_all``), and one group per (decay,
+    learning-rate scale) pair.
 
     Groups are ordered by first appearance so that a resumed run rebuilds the same optimizer layout.
     """
@@ -158,12 +168,22 @@ def param_groups(named: dict[str, nn.Parameter], cfg: TrainConfig, lr_scales: di
         scale = float(lr_scales.get(id(p), 1.0))
         if scale <= 0:
             raise ValueError(f"learning-rate scale of {n} must be positive, got {scale}")
-        decays = not (p.ndim < 2 or n.endswith(".bias"))
+        decays = cfg.decay_all or not (p.ndim < 2 or n.endswith(".bias"))
         groups.setdefault((decays, scale), []).append(p)
     return [
         {"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr": cfg.lr * scale}
         for (decays, scale), ps in groups.items()
     ]
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The stage's optimizer (``cfg.optimizer``) over parameter ``groups``, with ``cfg``'s betas and eps."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r} ({', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[cfg.optimizer](groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def train(
@@ -214,7 +234,7 @@ def train(
     device = next(iter(named.values())).device
     # Every process starts from rank 0's weights (and its EMA from them), whatever each initialised.
     broadcast_parameters(list(named.values()), world)
-    optimizer = torch.optim.AdamW(param_groups(named, cfg, lr_scales or {}), lr=cfg.lr)
+    optimizer = make_optimizer(param_groups(named, cfg, lr_scales or {}), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ema = EMA(list(named.values()), cfg.ema_decay) if cfg.ema_decay > 0 else None
 

@@ -88,10 +88,11 @@ def dry_run_backbone(spec: str, workdir: str | Path | None = None) -> str:
 
     A multimodal LLM (``mllm:...``) becomes ``mllm:<dir>``, a tiny Qwen2.5-VL saved under ``workdir`` (default: a
     new temporary directory), so that what only that family serves (pair embeddings) still runs; any other spec
-    becomes ``tiny``.
+    becomes ``tiny``, keeping the spec's preprocessing options (``#targetpad=...``).
     """
     if parse_spec(spec)[0] != "mllm":
-        return DRY_RUN_BACKBONE
+        _, sep, options = spec.partition("#")
+        return DRY_RUN_BACKBONE + sep + options
     from cirlab.backbones.mllm import save_tiny_mllm
 
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cirlab-dry-run-"))

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides, load_config, to_dict
+from cirlab.data.benchmark import FASHIONIQ_CATEGORIES
 from cirlab.distributed import World, current_world
 from cirlab.evaluation.evaluate import evaluate
+from cirlab.evaluation.protocols import combine_metrics
 from cirlab.io import atomic_write_json
 from cirlab.methods import METHODS
 from cirlab.methods.base import CIRMethod, load_weights
@@ -96,6 +98,17 @@ def hard_negative_fn(images: Any, k: int) -> Any:
     return gather
 
 
+def validation_splits(name: str | None) -> list[str]:
+    """The split names validation reads for ``name``: ``fashioniq/<split>`` (no category) stands for the three
+    categories, evaluated together and averaged (as CLIP4Cir validates); any other name is one split; none for None."""
+    if not name:
+        return []
+    family, _, rest = name.partition("/")
+    if family == "fashioniq" and rest and "/" not in rest:
+        return [f"{name}/{category}" for category in FASHIONIQ_CATEGORIES]
+    return [name]
+
+
 def load_previous_stage(method: CIRMethod, stage_dir: Path) -> None:
     """Loads the best weights an earlier run left for a stage that is skipped now, since later stages build on
     them (``cirlab train --stage stage2`` after ``--stage stage1`` into the same ``--out``); warns when none exist.
@@ -132,7 +145,8 @@ def fit(
     out_dir = Path(out_dir)
     world = world or current_world()
     report: dict[str, Any] = {}
-    val = source.split(val_split) if val_split else None
+    val_names = validation_splits(val_split)
+    vals = [source.split(name) for name in val_names]
     names = [s.name for s in method.stages]
     first = min((names.index(s) for s in stages if s in names), default=len(names)) if stages is not None else 0
     for i, stage in enumerate(method.stages):
@@ -143,21 +157,26 @@ def fit(
         cfg: TrainConfig = dataclasses.replace(getattr(run_cfg, stage.name), progress=progress)
         method.prepare_stage(stage.name)
         data = source.stage_data_for(method, stage.name, run_cfg.synthetic)
+        images = method.prepare_data(stage.name, data.images)
         batch_fn = make_batch_fn(
             stage.data,
             cfg.batch_size,
             cfg.seed,
             cfg.grad_accum,
-            images=data.images,
+            images=images,
             captions=data.captions,
             triplets=data.triplets,
-            hard_negatives=hard_negative_fn(data.images, method.hard_negatives(stage.name)),
+            hard_negatives=hard_negative_fn(images, method.hard_negatives(stage.name)),
             world=world,
         )
 
         def eval_fn() -> dict[str, float]:
             # Fetched per call: a method that fine-tunes its image encoder has new features at every evaluation.
-            return evaluate(method, val, features=source.features_for(method, val_split)).metrics
+            results = [
+                evaluate(method, split, features=source.features_for(method, name)).metrics
+                for split, name in zip(vals, val_names, strict=True)
+            ]
+            return combine_metrics(vals, results) if len(vals) > 1 else results[0]
 
         stage_dir = out_dir / "stages" / stage.name
         result = train(
@@ -168,8 +187,8 @@ def fit(
             cfg,
             stage_dir,
             # Without a validation split each stage keeps its last step.
-            eval_fn=eval_fn if val is not None else None,
-            select_metric=select_metric if val is not None else None,
+            eval_fn=eval_fn if vals else None,
+            select_metric=select_metric if vals else None,
             save_fn=method.save,
             description=f"{method.name}/{stage.name}",
             lr_scales=method.learning_rate_scales(stage.name),
