@@ -176,15 +176,17 @@ def test_shapes_standins_train_reuse_and_serve_the_methods(quick_shapes_root, tm
     assert prepare_standins(env, True, config=tiny, log=print).root == standins.root
     assert "reusing the Shapes stand-ins" in capsys.readouterr().out
 
-    # A study run of a generative method uses the stand-ins and keeps its texts with the run.
+    # A study run of a generative method uses the stand-ins and keeps its texts with the run. Short answers: an
+    # untrained stand-in never stops on its own, and what is checked here is where the texts go, not what they say.
     monkeypatch.setattr(runs, "prepare_standins", lambda env, quick: standins)
-    method, report = runs.train_or_load("osrcir", env, 1, True, tmp_path / "runs", False)
+    short = ["method.sampling.max_new_tokens=6"]
+    method, report = runs.train_or_load("osrcir", env, 1, True, tmp_path / "runs", False, short)
     assert report == {} and method.config.reasoner == standins.specs()["reasoner"] and method.config.seed == 1
     metrics = runs.evaluate_on_tests(method, env)
     assert set(metrics) == set(runs.TEST_SPLITS)
     (texts,) = (tmp_path / "runs").glob("osrcir-s1-*/generations.jsonl")
     n = len(texts.read_text().splitlines())
     assert n > 0
-    again, _ = runs.train_or_load("osrcir", env, 1, True, tmp_path / "runs", False)
+    again, _ = runs.train_or_load("osrcir", env, 1, True, tmp_path / "runs", False, short)
     assert runs.evaluate_on_tests(again, env)["cirr/test1"]["all"] == metrics["cirr/test1"]["all"]
     assert len(texts.read_text().splitlines()) == n
