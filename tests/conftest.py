@@ -57,3 +57,46 @@ def tiny_mllm_dir(tmp_path_factory) -> Path:
     from cirlab.backbones.mllm import save_tiny_mllm
 
     return save_tiny_mllm(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_generators(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random text generators saved as transformers directories (``cirlab.generation.tiny``): a
+    vision-encoder-decoder captioner, a BLIP-2, a LLaVA with a chat template and a Llama rewriter."""
+    from cirlab.generation import tiny
+
+    root = tmp_path_factory.mktemp("tiny-generators")
+    return {
+        "captioner": tiny.save_tiny_captioner(root / "captioner"),
+        "blip2": tiny.save_tiny_blip2(root / "blip2"),
+        "llava": tiny.save_tiny_llava(root / "llava"),
+        "rewriter": tiny.save_tiny_rewriter(root / "rewriter"),
+    }
+
+
+@pytest.fixture(scope="session")
+def generative_configs(tiny_generators) -> dict[str, dict]:
+    """Config overrides that run each generative method (cirevl, ldre, osrcir) on the tiny random generators,
+    briefly (a few tokens, 3 captions for LDRE)."""
+    captioner = f"hf-captioner:{tiny_generators['captioner']}"
+    rewriter = f"hf-rewriter:{tiny_generators['rewriter']}"
+    short = {"max_new_tokens": 6}
+    return {
+        "cirevl": {
+            "captioner": captioner,
+            "caption_prompt": "none",
+            "caption_sampling": {"num_beams": 2, **short},
+            "rewriter": rewriter,
+            "rewrite_prompt": "shapes-rewrite",
+            "rewrite_sampling": short,
+        },
+        "ldre": {
+            "captioner": captioner,
+            "caption_prompt": "none",
+            "caption_sampling": {"do_sample": True, "top_p": 0.9, "num_return_sequences": 3, **short},
+            "rewriter": rewriter,
+            "rewrite_prompt": "shapes-rewrite",
+            "rewrite_sampling": short,
+        },
+        "osrcir": {"reasoner": captioner, "prompt": "shapes-one-stage", "sampling": short},
+    }

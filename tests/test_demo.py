@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from cirlab.cli.main import main
-from cirlab.methods import METHODS
+from cirlab.experiments.demo import default_methods
 
 
 def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, capsys):
@@ -15,7 +15,7 @@ def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, c
     assert main(["demo", "--quick", "--out", str(out), "--root", str(root)]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == set(METHODS.list())
+    assert set(results["methods"]) == set(default_methods())
     for name, r in results["methods"].items():
         summary = r["summary"]
         for split in ("cirr/test1", "circo/test"):
@@ -23,12 +23,12 @@ def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, c
         assert 0.0 <= summary["cirr/test1"]["all"]["recall_at_50"]["mean"] <= 100.0
     assert results["clip"]["i2t_r1"] > 5.0, "the Shapes CLIP learned nothing"
     showcase = results["showcase"]["queries"]
-    assert showcase and all(set(q["top5"]) == set(METHODS.list()) for q in showcase)
+    assert showcase and all(set(q["top5"]) == set(default_methods()) for q in showcase)
     assert all(len(ranked) == 5 == len(set(ranked)) for q in showcase for ranked in q["top5"].values())
     with Image.open(out / "chart.png") as chart:
         assert chart.size[0] > 300
     report = (out / "report.html").read_text()
-    assert all(name in report for name in METHODS.list()) and report.count("<img") > 20
+    assert all(name in report for name in default_methods()) and report.count("<img") > 20
     assert "CIRR R@1" in printed
 
     # A second run reuses the world, the CLIP and every trained method.

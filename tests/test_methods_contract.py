@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import cirlab
 from cirlab.methods import METHODS, create_method, load_method
+from cirlab.methods.base import compose_with_context, needs_context
 from cirlab.training.data import FeatureTable, PixelTable, Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
+from cirlab.types import QueryContext, ReferenceImage
 
 CAPTIONS = [
     ["a large red circle at the top left", "top left: a big red circle"],
@@ -53,19 +58,36 @@ def _batch_fn(kind: str, table: FeatureTable | PixelTable, batch_size: int = 8):
     return make_batch_fn(kind, batch_size, seed=0, images=table, captions=captions, triplets=triplets)
 
 
-def _method(name: str, backbone):
-    return create_method(name, copy.deepcopy(backbone)).eval()
+def _method(name: str, backbone, generative_configs: dict | None = None):
+    """The method with its default config; a generative one runs the tiny random generators instead of its
+    default (downloaded) models."""
+    config = (generative_configs or {}).get(name) if METHODS.get(name).generators else None
+    return create_method(name, copy.deepcopy(backbone), config).eval()
+
+
+@pytest.fixture(scope="module")
+def references(pixels) -> list[ReferenceImage]:
+    """The fixture's images as reference images (for methods that caption them)."""
+    as_uint8 = ((pixels.clamp(-2, 2) + 2) / 4 * 255).byte().permute(0, 2, 3, 1).numpy()
+    return [ReferenceImage.from_image(Image.fromarray(np.ascontiguousarray(a))) for a in as_uint8]
+
+
+def _compose(method, table: FeatureTable, rows: list[int], texts: list[str], references) -> torch.Tensor:
+    """``method.compose`` of the table's ``rows``, with the reference images and gallery a method declares it reads."""
+    context = None
+    if needs_context(method):
+        context = QueryContext(images=[references[i] for i in rows], gallery=F.normalize(table.embeds.float(), dim=-1))
+    return compose_with_context(method, table.gather(torch.tensor(rows)), texts, context)
 
 
 ALL = METHODS.list()
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_compose_shapes_and_norm(name, tiny_backbone, table):
-    method = _method(name, tiny_backbone)
-    ref = table.gather(torch.arange(3))
+def test_compose_shapes_and_norm(name, tiny_backbone, table, references, generative_configs):
+    method = _method(name, tiny_backbone, generative_configs)
     with torch.no_grad():
-        q = method.compose(ref, TEXTS)
+        q = _compose(method, table, [0, 1, 2], TEXTS, references)
         g = method.encode_gallery(table.gather(torch.arange(5)))
     assert q.shape == (3, tiny_backbone.embed_dim) and g.shape == (5, tiny_backbone.embed_dim)
     assert torch.isfinite(q).all() and torch.isfinite(g).all()
@@ -73,12 +95,14 @@ def test_compose_shapes_and_norm(name, tiny_backbone, table):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_batched_and_single_composition_agree(name, tiny_backbone, table):
-    method = _method(name, tiny_backbone)
-    ref = table.gather(torch.arange(3))
+def test_batched_and_single_composition_agree(name, tiny_backbone, table, references, generative_configs):
+    method = _method(name, tiny_backbone, generative_configs)
+    # Generative methods get a second instance for the single queries, so that its texts are generated anew
+    # rather than read from the first one's cache.
+    other = _method(name, tiny_backbone, generative_configs) if method.generators else method
     with torch.no_grad():
-        batched = method.compose(ref, TEXTS)
-        single = torch.cat([method.compose(table.gather(torch.tensor([i])), [TEXTS[i]]) for i in range(3)])
+        batched = _compose(method, table, [0, 1, 2], TEXTS, references)
+        single = torch.cat([_compose(other, table, [i], [TEXTS[i]], references) for i in range(3)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
@@ -140,17 +164,19 @@ def test_a_few_steps_reduce_the_loss(name, stage, tiny_backbone, table, pixels, 
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_save_load_round_trip(name, tiny_backbone, table, tmp_path):
-    method = _method(name, tiny_backbone)
+def test_save_load_round_trip(name, tiny_backbone, table, references, generative_configs, tmp_path):
+    method = _method(name, tiny_backbone, generative_configs)
     with torch.no_grad():
         for p in method.parameters():
             if p.requires_grad or not any(p is q for q in method.backbone.parameters()):
                 p.add_(0.01 * torch.randn_like(p))
     method.save(tmp_path / "ckpt")
     loaded = load_method(tmp_path / "ckpt", backbone=copy.deepcopy(tiny_backbone))
-    ref = table.gather(torch.arange(3))
+    assert loaded.config == method.config
     with torch.no_grad():
-        torch.testing.assert_close(loaded.compose(ref, TEXTS), method.compose(ref, TEXTS))
+        torch.testing.assert_close(
+            _compose(loaded, table, [0, 1, 2], TEXTS, references), _compose(method, table, [0, 1, 2], TEXTS, references)
+        )
     # Only what the method trained is saved: none of the (frozen) backbone's own tensors.
     saved = set(method.trained_state_dict())
     backbone_own = {f"backbone.{k}" for k in tiny_backbone.state_dict()}
@@ -159,4 +185,11 @@ def test_save_load_round_trip(name, tiny_backbone, table, tmp_path):
 
 def test_list_shows_methods():
     expected = {"image-only", "text-only", "sum", "pic2word", "searle", "searle-oti", "lincir", "combiner"}
-    assert expected <= set(cirlab.list_methods())
+    assert expected | {"cirevl", "ldre", "osrcir"} <= set(cirlab.list_methods())
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).reads_reference_images])
+def test_methods_that_read_images_refuse_to_compose_without_them(name, tiny_backbone, table, generative_configs):
+    method = _method(name, tiny_backbone, generative_configs)
+    with pytest.raises(ValueError, match="reads the reference images"):
+        compose_with_context(method, table.gather(torch.arange(3)), TEXTS, None)

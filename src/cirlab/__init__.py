@@ -38,8 +38,9 @@ def create_method(name: str, backbone: Any, config: Any = None) -> Any:
     return _create(name, backbone, config)
 
 
-def load_index(directory: str, device: str = "cpu") -> Any:
-    """Opens a gallery index built by ``cirlab index build`` (see ``cirlab.index.GalleryIndex``).
+def load_index(directory: str, device: str = "cpu", text_cache: Any = None) -> Any:
+    """Opens a gallery index built by ``cirlab index build`` (see ``cirlab.index.GalleryIndex``); ``text_cache``
+    (a ``cirlab.generation.TextCache``) keeps the texts of methods that run a captioner or a language model.
 
     Example:
         >>> index = cirlab.load_index("runs/my-index")
@@ -48,7 +49,7 @@ def load_index(directory: str, device: str = "cpu") -> Any:
     """
     from cirlab.index import load_index as _load
 
-    return _load(directory, device)
+    return _load(directory, device, text_cache)
 
 
 def list_backbones(pattern: str = "*") -> list[str]:

@@ -1,4 +1,4 @@
-"""Name -> constructor registries: the public vocabulary of backbones, methods and datasets.
+"""Name -> constructor registries: the public vocabulary of backbones, methods, datasets and text generators.
 
 A registry is the only module-level state cirlab keeps (STYLE.md rule 9). Names are what the CLI offers as
 choices, what configs store and what the contract tests iterate over.
@@ -70,3 +70,5 @@ class Registry(Generic[T]):
 BACKBONES: Registry = Registry("backbone")
 METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
+CAPTIONERS: Registry = Registry("captioner")
+REWRITERS: Registry = Registry("rewriter")

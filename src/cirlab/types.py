@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -114,3 +115,68 @@ class PairEncoder(Protocol):
     def encode_pair(self, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """``z(I, T)`` (B, embed_dim), L2-normalised, from pixels (B, 3, S, S) and one text per image."""
         ...
+
+
+@dataclass(eq=False)
+class ReferenceImage:
+    """A reference image as a method that reads pixels sees it: a content digest and a way to decode it.
+
+    The digest identifies the image in caches (generated captions are keyed by it), so it is the digest of the
+    file's bytes (``cirlab.features.hash_file``, as the feature cache uses) when the image came from a file or
+    encoded bytes, and of the decoded RGB pixels when it came as a PIL image. Decoding is deferred until a model
+    needs the pixels: a cache hit never opens the file.
+
+    Attributes:
+        digest: content digest (32 hex characters).
+        path: the image file, when there is one.
+        image: the decoded image, when there is no file.
+    """
+
+    digest: str
+    path: Path | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_path(cls, path: str | Path, digest: str | None = None) -> ReferenceImage:
+        """A file's image; ``digest`` (of the file's bytes) is computed when not given."""
+        from cirlab.features.hashing import hash_file
+
+        path = Path(path)
+        return cls(digest or hash_file(path), path=path)
+
+    @classmethod
+    def from_image(cls, image: Image.Image, digest: str | None = None) -> ReferenceImage:
+        """A decoded image; ``digest`` defaults to the digest of its RGB pixels."""
+        import numpy as np
+
+        from cirlab.features.hashing import hash_array
+
+        rgb = image.convert("RGB")
+        return cls(digest or hash_array(np.asarray(rgb)), image=rgb)
+
+    def load(self) -> Image.Image:
+        """The RGB image (``cirlab.data.images.ImageReadError`` naming the file when it cannot be read)."""
+        if self.image is not None:
+            return self.image
+        if self.path is None:
+            raise ValueError(f"reference image {self.digest} has neither a file nor pixels")
+        from cirlab.data.images import load_image
+
+        return load_image(self.path)
+
+
+@dataclass
+class QueryContext:
+    """What a method may read beyond reference-image features and texts, when it declares that it does.
+
+    ``CIRMethod.reads_reference_images`` asks for ``images`` (one per query, in order) and
+    ``CIRMethod.reads_gallery`` for ``gallery``; the evaluation path and the index fill only what is declared.
+
+    Attributes:
+        images: the reference images of the queries.
+        gallery: the gallery's embeddings in the method's retrieval space, (N, d) L2-normalised (a tensor or a
+            possibly memory-mapped numpy array).
+    """
+
+    images: Sequence[ReferenceImage] | None = None
+    gallery: torch.Tensor | np.ndarray | None = None

@@ -42,16 +42,19 @@ def _root(
 
 @app.command("list")
 def list_cmd() -> None:
-    """List registered backbones, methods and datasets, one section each.
+    """List registered backbones, methods, datasets, captioners and rewriters, one section each.
 
     Example: `cirlab list`
     """
     import cirlab
+    from cirlab.generation import CAPTIONERS, REWRITERS
 
     for title, names in (
         ("backbones", cirlab.list_backbones()),
         ("methods", cirlab.list_methods()),
         ("datasets", cirlab.list_datasets()),
+        ("captioners", CAPTIONERS.list()),
+        ("rewriters", REWRITERS.list()),
     ):
         typer.echo(f"{title}:")
         for name in names:

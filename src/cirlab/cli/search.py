@@ -9,6 +9,10 @@ from typing import Annotated
 import typer
 
 SHAPES_ROOT = Path("runs/shapes")
+_GENERATIONS_HELP = (
+    "Generated-text cache (JSONL) of methods that run a captioner or a language model (cirevl, ldre, osrcir); "
+    "default: the user cache, ~/.cache/cirlab/generations.jsonl."
+)
 
 index_app = typer.Typer(
     name="index",
@@ -83,7 +87,12 @@ def build_cmd(
         ),
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="image-only | text-only | sum, or a checkpoint directory.")
+        str,
+        typer.Option(
+            "--method",
+            help="A training-free method (image-only, text-only, sum, cirevl, ldre, osrcir) or a checkpoint directory "
+            "(`cirlab train cirevl --dataset shapes` saves one set up with the Shapes stand-ins).",
+        ),
     ] = "sum",
     approximate: Annotated[
         str | None, typer.Option("--approximate", help="Also build an approximate index: hnsw or ivf.")
@@ -167,14 +176,16 @@ def search_cmd(
         bool, typer.Option("--include-reference", help="Keep the reference image itself in the results.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
 ) -> None:
     """Search an index with a reference image and a modification text; prints ranked paths with scores.
 
     Example: `cirlab search runs/photos-index --image photos/dress.jpg --text "the same dress but red" -k 5`
     """
+    from cirlab.generation import TextCache, default_generation_cache
     from cirlab.index import load_index
 
-    index = load_index(index_dir)
+    index = load_index(index_dir, text_cache=TextCache(generations or default_generation_cache()))
     query = index.compose(image, text, method)
     hits = index.search(query, k, exact=exact, exclude_reference=not include_reference)
     if as_json:
@@ -222,6 +233,7 @@ def serve_cmd(
         int,
         typer.Option("--threads", help="CPU threads per model call and search (requests run one at a time).", min=1),
     ] = 1,
+    generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
 ) -> None:
     """Serve a web page and a JSON API for searching an index (OpenAPI docs at /docs).
 
@@ -262,7 +274,9 @@ def serve_cmd(
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    index = load_index(index_dir)
+    from cirlab.generation import TextCache, default_generation_cache
+
+    index = load_index(index_dir, text_cache=TextCache(generations or default_generation_cache()))
     loopback = host in LOOPBACK_HOSTS
     if not loopback and token is None:
         typer.echo(

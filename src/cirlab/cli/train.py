@@ -18,6 +18,48 @@ _AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "eval
 _FRACTIONS = ("warmup", "ema_decay")
 _NON_NEGATIVE = ("lr", "weight_decay", "max_grad_norm")
 _SET_HELP = "Config override KEY=VALUE, type-checked (repeatable), e.g. mapping.steps=100 or method.prompt='$ {text}'."
+_METHOD_SET_HELP = (
+    "Method config override KEY=VALUE, type-checked (repeatable), e.g. rewrite_prompt=cirevl-structural or "
+    "captioner=hf-captioner:Salesforce/blip2-opt-2.7b."
+)
+_GENERATIONS_HELP = (
+    "Generated-text cache (JSONL) of methods that run a captioner or a language model: texts found there are not "
+    "generated again, new ones are added (default: the user cache, ~/.cache/cirlab/generations.jsonl)."
+)
+
+
+def _text_cache(model, generations: Path | None):
+    """Points a generative method's text cache at ``generations`` (or the user's default); None for others."""
+    from cirlab.generation import TextCache, default_generation_cache
+
+    if model.text_cache is None:
+        return None
+    model.text_cache = TextCache(generations or default_generation_cache())
+    return model.text_cache
+
+
+def _report_texts(cache, before: int) -> None:
+    if cache is not None:
+        typer.echo(f"generated texts: {len(cache.used)} used, {len(cache) - before} new, cached in {cache.path}")
+
+
+def _shapes_method(method: str, env, quick: bool, overrides: list[str]):
+    """A registered method on the Shapes world: its default config with ``overrides``; a generative method gets its
+    Shapes preset and the world's stand-in captioner / language models."""
+    from cirlab.config import apply_overrides
+    from cirlab.methods import METHODS, create_method
+
+    cls = METHODS.get(method)
+    if cls.generators:
+        from cirlab.experiments.standins import prepare_standins, with_standins
+        from cirlab.training.run import load_run_config
+
+        config = with_standins(
+            method, load_run_config(method, "shapes").method, prepare_standins(env, quick, log=typer.echo)
+        )
+    else:
+        config = cls.config_class()
+    return create_method(method, env.backbone, apply_overrides(config, overrides))
 
 
 def demo_cmd(
@@ -27,7 +69,12 @@ def demo_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="Small world and short schedules; same code path.")] = False,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per method (mean ± std when > 1).")] = 1,
     methods: Annotated[
-        list[str] | None, typer.Option("--method", help="Only these methods (repeatable); default: all.")
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="Only these methods (repeatable); default: all but the generative ones (cirevl, ldre, osrcir), "
+            "which are opt-in.",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the world and every method.")] = False,
     root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
@@ -187,7 +234,7 @@ def train_cmd(
     writer = os.environ.get("RANK", "0") == "0"
     out_lock = file_lock(out / TRAIN_LOCK, wait=False, purpose=f"training into {out}") if writer else None
     with out_lock or contextlib.nullcontext():
-        _train(method, cls, run_cfg, source_kind, out, stage, quick, seed, root)
+        _train(method, cls, run_cfg, source_kind, out, stage, quick, seed, root, dry_run)
 
 
 def _train(
@@ -200,8 +247,11 @@ def _train(
     quick: bool,
     seed: int,
     root: Path,
+    dry_run: bool = False,
 ) -> None:
     """The body of ``train_cmd`` once its arguments are checked and ``--out`` is locked."""
+    import dataclasses
+
     import torch
 
     from cirlab.distributed import process_group
@@ -223,6 +273,13 @@ def _train(
             model_backbone, source, val_split = corpus_inputs(run_cfg)
             if world.is_main:
                 typer.echo(f"training data: {source.describe()}")
+        if cls.generators and source_kind == "shapes":
+            from cirlab.experiments.standins import prepare_standins, standin_config, with_standins
+
+            # A dry run trains the stand-ins for a few steps only (they are content-addressed apart).
+            small = standin_config(quick).scaled(0.02) if dry_run else None
+            standins = prepare_standins(env, quick, log=typer.echo, config=small)
+            run_cfg = dataclasses.replace(run_cfg, method=with_standins(method, run_cfg.method, standins))
         torch.manual_seed(seed)
         model = create_method(method, model_backbone, run_cfg.method)
         if not cls.stages:
@@ -253,16 +310,23 @@ def eval_cmd(
         str | None, typer.Option("--backbone", help="Backbone spec for a training-free method.")
     ] = None,
     output: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help=_METHOD_SET_HELP)] = None,
+    generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
     root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
 ) -> None:
     """Evaluate a method on a benchmark split with ground truth; prints a table and writes JSON.
+
+    Methods that run a captioner or a language model (cirevl, ldre, osrcir) keep every generated text in
+    --generations: a second evaluation reads them all from there and runs no model. On the Shapes world they use
+    the world's stand-in models.
 
     Example: `cirlab eval --checkpoint runs/p2w --dataset shapes --split cirr/test1`
     """
     from rich.console import Console
     from rich.table import Table
 
+    from cirlab.config import apply_overrides
     from cirlab.data.benchmark import load_splits
     from cirlab.evaluation.evaluate import evaluate
     from cirlab.evaluation.protocols import combine_metrics
@@ -272,6 +336,7 @@ def eval_cmd(
 
     if (method is None) == (checkpoint is None):
         raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    overrides = list(overrides or [])
     if dataset == "shapes":
         from cirlab.experiments.shapes_env import prepare_shapes
 
@@ -284,7 +349,13 @@ def eval_cmd(
                 param_hint="--backbone",
             )
         env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-        model = load_method(checkpoint, backbone=env.backbone) if checkpoint else create_method(method, env.backbone)
+        if checkpoint:
+            model = load_method(checkpoint, backbone=env.backbone)
+            model.config = apply_overrides(model.config, overrides)
+        else:
+            model = _shapes_method(method, env, quick, overrides)
+        texts = _text_cache(model, generations)
+        before = len(texts) if texts is not None else 0
         result = evaluate(
             model,
             env.source.split(split),
@@ -303,6 +374,9 @@ def eval_cmd(
             if checkpoint
             else create_method(method, create_backbone(backbone or "hf-clip:openai/clip-vit-large-patch14").freeze())
         )
+        model.config = apply_overrides(model.config, overrides)
+        texts = _text_cache(model, generations)
+        before = len(texts) if texts is not None else 0
         splits = load_splits(dataset, annotations, images, split)
         cache = FeatureCache(default_cache_dir())
         results = [evaluate(model, s, cache=cache) for s in splits]
@@ -319,6 +393,7 @@ def eval_cmd(
     for part, values in metrics.items():
         table.add_row(part, *(f"{values.get(k, float('nan')):.2f}" for k in keys))
     Console().print(table)
+    _report_texts(texts, before)
     if output:
         atomic_write_json(output, metrics)
 
@@ -338,24 +413,36 @@ def submit_cmd(
         str | None, typer.Option("--backbone", help="Backbone spec for a training-free method.")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the submission file(s).")] = Path("runs/submission"),
+    overrides: Annotated[list[str] | None, typer.Option("--set", help=_METHOD_SET_HELP)] = None,
+    generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
     root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
 ) -> None:
     """Write test-server files: CIRR test1 (recall and recall_subset) or CIRCO test, validated before writing.
 
+    A method that runs a captioner or a language model also writes OUT/generations.jsonl, every text the
+    submission was computed from: with it (as --generations) the submission is recomputed without any model.
+
     Example: `cirlab submit sum --dataset shapes --split cirr/test1 --out runs/submission`
     """
+    from cirlab.config import apply_overrides
     from cirlab.evaluation.evaluate import predict_scores
     from cirlab.evaluation.submission import write_circo_submission, write_cirr_submission
     from cirlab.methods import create_method, load_method
 
     if (method is None) == (checkpoint is None):
         raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    overrides = list(overrides or [])
     if dataset == "shapes":
         from cirlab.experiments.shapes_env import prepare_shapes
 
         env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-        model = load_method(checkpoint, backbone=env.backbone) if checkpoint else create_method(method, env.backbone)
+        if checkpoint:
+            model = load_method(checkpoint, backbone=env.backbone)
+            model.config = apply_overrides(model.config, overrides)
+        else:
+            model = _shapes_method(method, env, quick, overrides)
+        texts = _text_cache(model, generations)
         target = env.source.split(split)
         scores = predict_scores(model, target, env.source.features_for(model, split))
     else:
@@ -370,6 +457,8 @@ def submit_cmd(
             if checkpoint
             else create_method(method, create_backbone(backbone or "hf-clip:openai/clip-vit-large-patch14").freeze())
         )
+        model.config = apply_overrides(model.config, overrides)
+        texts = _text_cache(model, generations)
         (target,) = load_splits(dataset, annotations, images, split)
         scores = predict_scores(model, target, cache=FeatureCache(default_cache_dir()))
     typer.echo(target.describe())
@@ -381,6 +470,9 @@ def submit_cmd(
         raise typer.BadParameter(f"no test server format for {target.dataset}", param_hint="--dataset")
     for path in written:
         typer.echo(f"wrote {path} (validated)")
+    if texts is not None:
+        n = texts.export(out / "generations.jsonl")
+        typer.echo(f"wrote {out / 'generations.jsonl'} ({n} generated texts the submission was computed from)")
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,8 @@ from cirlab.data.benchmark import CIRSplit
 from cirlab.data.images import load_image
 from cirlab.evaluation.protocols import evaluate_scores
 from cirlab.features.table import FeatureTable
-from cirlab.types import ImageFeatures
+from cirlab.methods.base import compose_with_context, needs_context
+from cirlab.types import ImageFeatures, QueryContext, ReferenceImage
 
 
 @dataclass
@@ -91,12 +92,23 @@ def method_view(method: Any, split: CIRSplit) -> CIRSplit:
 
 
 @torch.no_grad()
-def compose_queries(method: Any, split: CIRSplit, features: FeatureTable, batch_size: int = 256) -> torch.Tensor:
+def compose_queries(
+    method: Any,
+    split: CIRSplit,
+    features: FeatureTable,
+    batch_size: int = 256,
+    gallery: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Composed queries (Q, d), L2-normalised, in the order of ``split.queries``.
 
     A query with several ``extra["text_variants"]`` (FashionIQ's two caption orders) is the normalised mean of the
-    normalised queries composed with each variant, as SEARLE and LinCIR average them.
+    normalised queries composed with each variant, as SEARLE and LinCIR average them. A method that reads the
+    reference images gets them (files of the split, digested once each); one that reads the gallery gets
+    ``gallery`` (computed here from ``features`` when not given).
     """
+    if getattr(method, "reads_gallery", False) and gallery is None:
+        gallery = gallery_embeddings(method, split, features)
+    images: dict[str, ReferenceImage] = {}
     out = []
     for start in range(0, len(split.queries), batch_size):
         chunk = split.queries[start : start + batch_size]
@@ -104,7 +116,18 @@ def compose_queries(method: Any, split: CIRSplit, features: FeatureTable, batch_
         owner = torch.tensor([i for i, variants in enumerate(texts) for _ in variants])  # (V,) query of each text
         refs = [q.reference for q, variants in zip(chunk, texts, strict=True) for _ in variants]
         ref = features.gather(features.rows(refs))
-        composed = F.normalize(method.compose(ref, [t for v in texts for t in v]).float().cpu(), dim=-1)  # (V, d)
+        context = None
+        if needs_context(method):
+            if method.reads_reference_images:
+                for name in refs:
+                    if name not in images:
+                        images[name] = ReferenceImage.from_path(split.image_path(name))
+            context = QueryContext(
+                images=[images[name] for name in refs] if method.reads_reference_images else None,
+                gallery=gallery,
+            )
+        composed = compose_with_context(method, ref, [t for v in texts for t in v], context)
+        composed = F.normalize(composed.float().cpu(), dim=-1)  # (V, d)
         out.append(torch.zeros(len(chunk), composed.shape[1]).index_add_(0, owner, composed))
     return F.normalize(torch.cat(out), dim=-1) if out else torch.empty(0, 0)
 
@@ -142,8 +165,9 @@ def predict_scores(
     try:
         if features is None:
             features = split_features(method, split, cache=cache)
-        queries = compose_queries(method, split, features, batch_size)
-        return score_matrix(queries, gallery_embeddings(method, split, features))
+        gallery = gallery_embeddings(method, split, features)
+        queries = compose_queries(method, split, features, batch_size, gallery=gallery)
+        return score_matrix(queries, gallery)
     finally:
         method.train(was_training)
 

@@ -22,6 +22,8 @@ import torch
 from cirlab.config import to_dict
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.experiments.shapes_env import ShapesEnv
+from cirlab.experiments.standins import prepare_standins, with_standins
+from cirlab.generation.cache import TextCache
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS, create_method, load_method
 from cirlab.training.run import fit, load_run_config, scale_steps
@@ -83,6 +85,10 @@ def train_or_load(
     """The method trained with its Shapes preset plus ``overrides`` (reused when an identical run exists in
     ``runs``); returns it and its report. A new run first copies the earlier stages it shares with a finished run
     (same stage keys), so ablations of a later stage do not retrain the stages before it.
+
+    A method that generates texts (CIReVL, LDRE, OSrCIR) gets the world's stand-in models
+    (``cirlab.experiments.standins``) and ``seed`` as its sampling seed; its texts are kept with the run, in
+    ``<run>/generations.jsonl``, so evaluating it again runs no model.
     """
     cls = METHODS.get(name)
     run_cfg = load_run_config(name, "shapes", overrides)
@@ -90,11 +96,20 @@ def train_or_load(
         run_cfg = scale_steps(run_cfg, QUICK_STEPS)
     stages = {s.name: dataclasses.replace(getattr(run_cfg, s.name), seed=seed) for s in cls.stages}
     run_cfg = dataclasses.replace(run_cfg, seed=seed, **stages)
+    if cls.generators:
+        method_cfg = with_standins(name, run_cfg.method, prepare_standins(env, quick))
+        run_cfg = dataclasses.replace(run_cfg, method=dataclasses.replace(method_cfg, seed=seed))
     identity = [env.backbone.identity(), env.world.world_id]
     key = _digest([to_dict(run_cfg), *identity])
     run_dir = Path(runs) / f"{name}-s{seed}-{key}"
     if not cls.stages:
-        return create_method(name, env.backbone, run_cfg.method).eval(), {}
+        method = create_method(name, env.backbone, run_cfg.method).eval()
+        if cls.generators:
+            texts = run_dir / "generations.jsonl"
+            if force:
+                texts.unlink(missing_ok=True)
+            method.text_cache = TextCache(texts)
+        return method, {}
     if (run_dir / "train_report.json").is_file() and not force:
         return load_method(run_dir, backbone=env.backbone), json.loads((run_dir / "train_report.json").read_text())
     keys = _stage_keys(cls, run_cfg, identity)

@@ -185,6 +185,7 @@ def study_main(
     rows: Callable[[], Sequence[Row]],
     notes: Callable[[], Sequence[str]] = lambda: (),
     latency: bool = False,
+    prepare: Callable[[ShapesEnv, bool], Sequence[str]] | None = None,
 ) -> int:
     """The shared command line of the results scripts; writes ``results.json`` and ``results.md`` into ``--out``.
 
@@ -195,6 +196,8 @@ def study_main(
         rows: the study's rows.
         notes: extra lines printed under the table.
         latency: add the ms-per-query column.
+        prepare: called as ``prepare(env, quick)`` before the rows run (e.g. to build the models some rows share);
+            returns further lines printed under the table.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     name = Path(script).stem.removeprefix("results_").replace("_", "-")
@@ -211,12 +214,13 @@ def study_main(
 
     t0 = time.perf_counter()
     env = prepare_shapes(quick=args.quick, root=args.root)
+    prepared = list(prepare(env, args.quick)) if prepare is not None else []
     runs = args.runs or Path("runs") / "demo" / "methods"
     results = run_study(env, list(rows()), list(range(args.seeds)), args.quick, runs, args.force)
     results["seconds"] = time.perf_counter() - t0
     results["torch_threads"] = torch.get_num_threads()
     results["command"] = " ".join(["python", os.path.relpath(script), *args_list])
-    text = study_markdown(results, title, notes(), latency)
+    text = study_markdown(results, title, [*notes(), *prepared], latency)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", results)
     atomic_write_text(args.out / "results.md", text)

@@ -36,10 +36,12 @@ from PIL import Image
 from cirlab.data.images import ImageReadError, decode_image, load_image, open_regular_file
 from cirlab.evaluation.search import topk_inner_product
 from cirlab.features.hashing import DIGEST_SIZE, READ_CHUNK, hash_bytes, hash_file, stat_signature
+from cirlab.generation.cache import TextCache
 from cirlab.index.ann import ann_search, read_ann
-from cirlab.index.model import TRAINING_FREE, load_model, shares_backbone_space
+from cirlab.index.model import load_model, shares_backbone_space, training_free_methods
 from cirlab.index.store import INDEX_FILE, StoredIndex, describe, read_generation
-from cirlab.methods.base import CIRMethod, create_method
+from cirlab.methods.base import CIRMethod, compose_with_context, create_method, needs_context
+from cirlab.types import QueryContext, ReferenceImage
 
 VERIFIED_MEMO = 65536
 """Indexed files remembered as checked (by stat signature), so serving one again does not re-hash it."""
@@ -107,8 +109,16 @@ def _stamp(directory: Path) -> tuple[int, int, int]:
 class GalleryIndex:
     """An index loaded from ``INDEX_DIR`` (see ``cirlab.index.store`` for the layout)."""
 
-    def __init__(self, directory: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, directory: str | os.PathLike, device: str | torch.device = "cpu", text_cache: TextCache | None = None
+    ) -> None:
         """Loads the committed generation of ``directory``; the model is built on first use.
+
+        Args:
+            directory: the index directory.
+            device: where the model runs.
+            text_cache: where methods that generate texts (captions, rewrites) look them up and record them
+                (default: in memory, per method).
 
         Raises:
             cirlab.index.store.IndexFormatError: naming the file that is missing or malformed.
@@ -119,6 +129,7 @@ class GalleryIndex:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._methods: dict[str, CIRMethod] = {}
+        self.text_cache = text_cache
         self._verified: OrderedDict[int, tuple[str, str]] = OrderedDict()
 
     def _read(self) -> _Generation:
@@ -213,7 +224,7 @@ class GalleryIndex:
     def methods(self) -> list[str]:
         """Methods that can query this gallery: its own, plus the training-free ones when they share its space."""
         own = self.method
-        extra = [m for m in TRAINING_FREE if m != own.name] if shares_backbone_space(own) else []
+        extra = [m for m in training_free_methods() if m != own.name] if shares_backbone_space(own) else []
         return [own.name, *extra]
 
     def _get_method(self, name: str) -> CIRMethod:
@@ -229,24 +240,30 @@ class GalleryIndex:
                     self._methods[name] = create_method(name, self.method.backbone).to(self.device).eval()
                 else:
                     raise ValueError(f"method {name!r} cannot query this index; choose one of {self.methods()}")
+                if self.text_cache is not None and self._methods[name].text_cache is not None:
+                    self._methods[name].text_cache = self.text_cache
             return self._methods[name]
 
     # -- queries ---------------------------------------------------------------------------------------------------
-    def _reference(self, image: ImageInput) -> tuple[Image.Image, list[int]]:
-        """Decodes a reference image and finds the gallery ids holding the same bytes."""
+    def _reference(self, image: ImageInput) -> tuple[ReferenceImage, list[int]]:
+        """Decodes a reference image (with its content digest) and finds the gallery ids holding the same bytes."""
         gen = self._gen
         if isinstance(image, int | np.integer):
             with self.open_item(int(image)) as f:
-                return decode_image(f, f"gallery image {int(image)} ({gen.paths[int(image)]})"), []
+                decoded = decode_image(f, f"gallery image {int(image)} ({gen.paths[int(image)]})")
+            # open_item checked the file's bytes against the indexed digest, which is therefore its digest.
+            return ReferenceImage(gen.digests[int(image)], image=decoded), []
         if isinstance(image, Image.Image):
-            return image.convert("RGB"), []
+            return ReferenceImage.from_image(image), []
         if isinstance(image, bytes):
-            return decode_image(image, "reference image"), gen.by_digest.get(hash_bytes(image), [])
+            digest = hash_bytes(image)
+            return ReferenceImage(digest, image=decode_image(image, "reference image")), gen.by_digest.get(digest, [])
         path = Path(image)
         if not path.is_file() and path.as_posix() in gen.by_path:
             path = gen.root / path  # an indexed path, relative to the gallery root
         picture = load_image(path)
-        return picture, gen.by_digest.get(hash_file(path), [])
+        digest = hash_file(path)
+        return ReferenceImage(digest, path=path, image=picture), gen.by_digest.get(digest, [])
 
     @torch.no_grad()
     def compose(self, image: ImageInput, text: str, method: str | None = None) -> Query:
@@ -265,12 +282,16 @@ class GalleryIndex:
             cirlab.data.images.ImageReadError: the reference cannot be read (the message names it).
             ValueError: a method that cannot query this index.
         """
-        picture, exclude = self._reference(image)
+        reference, exclude = self._reference(image)
         name = method or self.method_name
         model = self._get_method(name)
-        pixels = model.backbone.preprocess([picture])  # (1, 3, S, S)
+        pixels = model.backbone.preprocess([reference.load()])  # (1, 3, S, S)
         with self._lock:
-            vector = model.compose(model.encode_images(pixels), [text])  # (1, d)
+            context = None
+            if needs_context(model):
+                # The gallery's embeddings are the index's own: the method's retrieval space, L2-normalised.
+                context = QueryContext(images=[reference], gallery=self.embeddings)
+            vector = compose_with_context(model, model.encode_images(pixels), [text], context)  # (1, d)
         vector = torch.nn.functional.normalize(vector.float(), dim=-1).cpu().numpy()[0]
         return Query(vector.astype(np.float32), name, text, exclude)
 
@@ -384,6 +405,9 @@ class GalleryIndex:
         return describe(self.manifest)
 
 
-def load_index(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GalleryIndex:
-    """Loads a gallery index written by ``cirlab index build`` (or ``cirlab.index.build_index``)."""
-    return GalleryIndex(directory, device)
+def load_index(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", text_cache: TextCache | None = None
+) -> GalleryIndex:
+    """Loads a gallery index written by ``cirlab index build`` (or ``cirlab.index.build_index``); ``text_cache``
+    serves the methods that generate texts (see ``GalleryIndex``)."""
+    return GalleryIndex(directory, device, text_cache)

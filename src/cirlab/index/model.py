@@ -21,8 +21,23 @@ from cirlab.io import read_json
 from cirlab.methods.base import CONFIG_FILE, WEIGHTS_FILE, CIRMethod, create_method, load_method
 from cirlab.registry import METHODS
 
-TRAINING_FREE = ("image-only", "text-only", "sum")
-"""Methods that compose queries without training; they can query any gallery embedded by the plain backbone."""
+
+def training_free_methods(costly: bool = False) -> list[str]:
+    """Registered methods that compose queries without training and embed the gallery as the plain backbone does,
+    so they can query any gallery the plain backbone embedded.
+
+    Args:
+        costly: include methods that run a captioner or a language model (CIReVL, LDRE, OSrCIR) or optimise for
+            each query (SEARLE-OTI). An index offers those only when built with them: their models and their cost
+            are configuration of the index, not something a query brings on.
+    """
+    return [
+        name
+        for name, cls in ((n, METHODS.get(n)) for n in METHODS.list())
+        if not cls.stages
+        and cls.encode_gallery is CIRMethod.encode_gallery
+        and (costly or not (cls.generators or cls.optimises_per_query))
+    ]
 
 
 @dataclass
@@ -69,8 +84,8 @@ def load_model(backbone: str | None, method: str, device: str | torch.device = "
 
     Args:
         backbone: backbone spec; None with a checkpoint uses the checkpoint's own backbone.
-        method: a training-free method name (``image-only``, ``text-only``, ``sum``) or a checkpoint directory
-            written by ``cirlab train``.
+        method: a training-free method name (``image-only``, ``text-only``, ``sum``, ``cirevl``, ...) or a
+            checkpoint directory written by ``cirlab train``.
         device: where the model runs.
 
     Raises:
@@ -94,7 +109,7 @@ def load_model(backbone: str | None, method: str, device: str | torch.device = "
         if METHODS.get(method).stages:
             raise ValueError(
                 f"method {method!r} needs training; pass its checkpoint directory (from `cirlab train {method}`) "
-                f"or a training-free method ({', '.join(TRAINING_FREE)})"
+                f"or a training-free method ({', '.join(training_free_methods(costly=True))})"
             )
         if not backbone:
             raise ValueError("no backbone given; pass one such as hf-clip:<hub id or model dir>")

@@ -2,10 +2,13 @@
 
 from cirlab.methods import (  # noqa: F401  (registration)
     baselines,
+    cirevl,
     combiner,
     fusion_diff,
+    ldre,
     lincir,
     map_to_compose,
+    osrcir,
     pic2word,
     searle,
     searle_oti,

@@ -5,6 +5,12 @@ into the same space, declares its training stages (each with the kind of data it
 trained. Methods receive image *features* (``ImageFeatures``), so a frozen image encoder's outputs can come from
 the feature cache; methods that fine-tune the image encoder set ``image_encoder_frozen = False`` and get pixels
 encoded by their own (trainable) backbone.
+
+Methods that describe the reference image with a captioner (CIReVL, LDRE, OSrCIR) need the image itself, not only
+its features: they declare ``reads_reference_images`` (and, for a gallery-dependent query, ``reads_gallery``) and
+``compose`` then receives a ``QueryContext`` holding what they declared; ``compose_with_context`` is how every
+caller (the evaluation path, the index) calls ``compose``, so methods that read nothing more keep the plain
+signature. Their generated texts go through ``text_cache``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.config import from_dict, to_dict
+from cirlab.generation.cache import TextCache
 from cirlab.io import atomic_path, atomic_write_json, read_json
 from cirlab.registry import METHODS
-from cirlab.types import ImageFeatures
+from cirlab.types import ImageFeatures, QueryContext
 
 DataKind = Literal["images", "pairs", "captions", "triplets", "synthetic_triplets", "pseudo_triplets"]
 CONFIG_FILE = "config.json"
@@ -55,6 +62,16 @@ class CIRMethod(nn.Module):
     Subclasses set ``name`` (via ``register_method``), ``config_class``, ``stages`` and implement ``compose``; trained
     methods also implement ``trainable_parameters`` and ``training_loss``. A method that adds modules inside the
     backbone (LoRA) or fine-tunes it must work on its own copy (``copy.deepcopy``): backbones are shared.
+
+    Attributes:
+        reads_reference_images: ``compose`` needs the reference images (``QueryContext.images``).
+        reads_gallery: ``compose`` needs the gallery's embeddings (``QueryContext.gallery``).
+        generators: config fields holding a text generator's spec (``hf-captioner:<id>``, ...), each with its role
+            (``captioner``, ``rewriter``, ``reasoner``); a method with generators keeps its texts in ``text_cache``.
+        optimises_per_query: ``compose`` runs an optimisation for each reference (SEARLE-OTI's textual inversion),
+            so a query costs many backbone passes.
+        text_cache: where generated texts are looked up and recorded (in memory unless a caller sets a file-backed
+            ``cirlab.generation.TextCache``); None for methods without generators.
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +79,10 @@ class CIRMethod(nn.Module):
     stages: ClassVar[tuple[Stage, ...]] = ()
     needs_image_tokens: ClassVar[bool] = False
     supervised: ClassVar[bool] = False
+    reads_reference_images: ClassVar[bool] = False
+    reads_gallery: ClassVar[bool] = False
+    generators: ClassVar[dict[str, str]] = {}
+    optimises_per_query: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, config: Any = None) -> None:
         super().__init__()
@@ -74,6 +95,7 @@ class CIRMethod(nn.Module):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{self.name}: expected {self.config_class.__name__}, got {type(self.config).__name__}")
+        self.text_cache: TextCache | None = TextCache() if self.generators else None
 
     # -- inference -------------------------------------------------------------------------------------------------
     @property
@@ -93,7 +115,11 @@ class CIRMethod(nn.Module):
         return F.normalize(images.embeds.float(), dim=-1)
 
     def compose(self, reference: ImageFeatures, texts: list[str]) -> torch.Tensor:
-        """Composed queries (B, d), L2-normalised, from reference-image features and modification texts."""
+        """Composed queries (B, d), L2-normalised, from reference-image features and modification texts.
+
+        A method that declares ``reads_reference_images`` or ``reads_gallery`` takes a third argument,
+        ``context: QueryContext``; call methods through ``compose_with_context``.
+        """
         raise NotImplementedError
 
     # -- training --------------------------------------------------------------------------------------------------
@@ -186,6 +212,30 @@ class CIRMethod(nn.Module):
             **(extra or {}),
         }
         atomic_write_json(path / CONFIG_FILE, meta)
+
+
+def needs_context(method: Any) -> bool:
+    """Whether ``method.compose`` takes a ``QueryContext`` (it reads reference images or the gallery)."""
+    return bool(getattr(method, "reads_reference_images", False) or getattr(method, "reads_gallery", False))
+
+
+def compose_with_context(
+    method: Any, reference: ImageFeatures, texts: list[str], context: QueryContext | None = None
+) -> torch.Tensor:
+    """``method.compose``, with ``context`` when the method reads one.
+
+    Raises:
+        ValueError: the method reads reference images or the gallery and ``context`` lacks them.
+    """
+    if not needs_context(method):
+        return method.compose(reference, texts)
+    context = context or QueryContext()
+    if method.reads_reference_images and (context.images is None or len(context.images) != len(texts)):
+        got = "none" if context.images is None else len(context.images)
+        raise ValueError(f"{method.name} reads the reference images: give one per query ({len(texts)}), got {got}")
+    if method.reads_gallery and context.gallery is None:
+        raise ValueError(f"{method.name} reads the gallery's embeddings; the context holds none")
+    return method.compose(reference, texts, context)
 
 
 def register_method(name: str):

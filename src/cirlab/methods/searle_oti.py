@@ -48,6 +48,7 @@ class SearleOTI(CIRMethod):
     """Per-query textual inversion of the reference image (SEARLE's OTI), then the query prompt."""
 
     config_class = SearleOTIConfig
+    optimises_per_query = True
 
     def __init__(self, backbone: Any, config: SearleOTIConfig | None = None) -> None:
         super().__init__(backbone, config)
