@@ -247,7 +247,8 @@ CIREVL_CONTEXTUAL = (
 )
 
 
-CIREVL_STRUCTURAL = (
+# The opening and the first six aspect examples are the same in CIReVL's general and fashion prompts.
+_CIREVL_HEAD = (
     "\n"
     "I have an image. Given an instruction to edit the image, carefully generate a description of the \n"
     "edited image. I will put my image content beginning with “Image Content:”. The instruction I provide will "
@@ -283,6 +284,10 @@ CIREVL_STRUCTURAL = (
     "Edited Description: Three dogs are laying in the grass munching on some bones.\n"
     "\n"
     '"comparative"\n'
+)
+
+
+CIREVL_STRUCTURAL = _CIREVL_HEAD + (
     "Image Content: A picture of the sun and the moon.\n"
     "Instruction: Make the sun brighter than the moon.\n"
     "Edited Description: A picture of the sun shining much brighter than the moon.\n"
@@ -351,42 +356,7 @@ CIREVL_STRUCTURAL = (
 )
 
 
-CIREVL_FASHION = (
-    "\n"
-    "I have an image. Given an instruction to edit the image, carefully generate a description of the \n"
-    "edited image. I will put my image content beginning with “Image Content:”. The instruction I provide will "
-    'begin with “Instruction:". \n'
-    'The edited description you generate should begin with “Edited Description:". The edited description you '
-    "generate should be complete and can cover various semantic aspects, such as \n"
-    "cardinality, addition, negation, direct addressing, compare & change, comparative, conjunction, spatial "
-    "relations & background, viewpoint. Use the examples below as reference for these aspects:\n"
-    "\n"
-    '"cardinality"\n'
-    "Image Content: A bee is flying around a flower on a field.\n"
-    "Instruction: Duplicate the flower the bee is flying around.\n"
-    "Edited Description: A bee is flying around two flowers on a field.\n"
-    "\n"
-    '"addition"\n'
-    "Image Content: A dog is walking in a grassy field.\n"
-    "Instruction: Add a butterfly to the scene.\n"
-    "Edited Description: A dog is walking next to a butterfly in a grassy field.\n"
-    "\n"
-    '"negation"\n'
-    "Image Content: A plane flying in the cloudy sky.\n"
-    "Instruction: Remove the clouds from the sky.\n"
-    "Edited Description: A plane flying in the clear sky.\n"
-    "\n"
-    '"direct addressing"\n'
-    "Image Content: The eiffel tower on a summer day.\n"
-    "Instruction: Highlight the eiffel tower with a red circle.\n"
-    "Edited Description: The eiffel tower, highlighted with a red circle, on a summer day.\n"
-    "\n"
-    '"compare & change"\n'
-    "Image Content: The panda bear is sitting in the grass eating bamboo\n"
-    "Instruction: Replace the panda with a group of dogs and replace the bamboo with bones.\n"
-    "Edited Description: Three dogs are laying in the grass munching on some bones.\n"
-    "\n"
-    '"comparative"\n'
+CIREVL_FASHION = _CIREVL_HEAD + (
     "Image Content: the man is wearing a red t - shirt\n"
     "Instruction: is solid white and is a ligher color\n"
     "Edited Description: the man is wearing a solid,  light-white t-shirt.\n"
