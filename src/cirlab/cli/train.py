@@ -62,6 +62,19 @@ def _shapes_method(method: str, env, quick: bool, overrides: list[str]):
     return create_method(method, env.backbone, apply_overrides(config, overrides))
 
 
+def _shapes_model(method: str | None, checkpoint: Path | None, env, quick: bool, overrides: list[str]):
+    """The model eval and submit run on the Shapes world: a checkpoint on the world's CLIP (its config overridden),
+    or a training-free method."""
+    from cirlab.config import apply_overrides
+    from cirlab.methods import load_method
+
+    if checkpoint:
+        model = load_method(checkpoint, backbone=env.backbone)
+        model.config = apply_overrides(model.config, overrides)
+        return model
+    return _shapes_method(method, env, quick, overrides)
+
+
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (results.json, chart.png, report.html).")] = Path(
         "runs/demo"
@@ -349,11 +362,7 @@ def eval_cmd(
                 param_hint="--backbone",
             )
         env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-        if checkpoint:
-            model = load_method(checkpoint, backbone=env.backbone)
-            model.config = apply_overrides(model.config, overrides)
-        else:
-            model = _shapes_method(method, env, quick, overrides)
+        model = _shapes_model(method, checkpoint, env, quick, overrides)
         texts = _text_cache(model, generations)
         before = len(texts) if texts is not None else 0
         result = evaluate(
@@ -437,11 +446,7 @@ def submit_cmd(
         from cirlab.experiments.shapes_env import prepare_shapes
 
         env = prepare_shapes(quick=quick, root=root, log=typer.echo)
-        if checkpoint:
-            model = load_method(checkpoint, backbone=env.backbone)
-            model.config = apply_overrides(model.config, overrides)
-        else:
-            model = _shapes_method(method, env, quick, overrides)
+        model = _shapes_model(method, checkpoint, env, quick, overrides)
         texts = _text_cache(model, generations)
         target = env.source.split(split)
         scores = predict_scores(model, target, env.source.features_for(model, split))
