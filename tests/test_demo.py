@@ -31,9 +31,10 @@ def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, c
     assert all(name in report for name in default_methods()) and report.count("<img") > 20
     assert "CIRR R@1" in printed
 
-    # A second run reuses the world, the CLIP and every trained method.
+    # A second run reuses the world and every trained method, on the shipped CLIP (nothing pretrained).
     assert main(["demo", "--quick", "--out", str(out), "--root", str(root)]) == 0
-    assert "reusing the Shapes CLIP" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "using the shipped Shapes CLIP" in printed and "pretraining" not in printed
 
 
 def test_train_then_eval_a_checkpoint(quick_shapes_root, tmp_path, capsys):

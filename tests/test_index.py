@@ -249,9 +249,15 @@ def test_cli_build_and_search(gallery, tmp_path, capsys):
     assert "rank" in capsys.readouterr().out
 
 
-def test_cli_without_a_backbone_says_what_to_pass(gallery, tmp_path, monkeypatch, capsys):
+def test_cli_without_a_backbone_uses_the_shipped_clip_or_says_what_to_pass(gallery, tmp_path, monkeypatch, capsys):
+    import cirlab.backbones.shapes_clip as shapes_clip
+
     monkeypatch.chdir(tmp_path)  # no runs/shapes here
-    assert main(["index", "build", str(gallery), "--out", str(tmp_path / "index")]) != 0
+    assert main(["index", "build", str(gallery), "--out", str(tmp_path / "index")]) == 0
+    assert "backbone: shapes-clip" in capsys.readouterr().out
+    # An install without the shipped CLIP (and nothing built) gets told what to pass.
+    monkeypatch.setattr(shapes_clip, "shipped_dir", lambda: tmp_path / "no-asset")
+    assert main(["index", "build", str(gallery), "--out", str(tmp_path / "index2")]) != 0
     err = capsys.readouterr().err
     assert "--backbone hf-clip:" in err and "cirlab demo --quick" in err
 
@@ -330,7 +336,8 @@ def test_the_unreadable_file_report_cannot_be_forged_by_file_names(gallery, tmp_
 
 
 def _slow_build_in_child(images: Path, out: Path, cache: Path) -> None:
-    """A build whose model takes 0.15 s per batch of 4, committing its encoding as it goes."""
+    """A build whose model takes 0.3 s per batch of 4 (so the parent has over a second to interrupt it after the
+    second batch, even on a busy machine), committing its encoding as it goes."""
     import cirlab.index.encode as encode
 
     torch.set_num_threads(1)
@@ -340,7 +347,7 @@ def _slow_build_in_child(images: Path, out: Path, cache: Path) -> None:
         forward = method.encode_images
 
         def slow_forward(pixels):
-            time.sleep(0.15)
+            time.sleep(0.3)
             return forward(pixels)
 
         method.encode_images = slow_forward
