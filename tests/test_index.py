@@ -340,6 +340,10 @@ def _slow_build_in_child(images: Path, out: Path, cache: Path) -> None:
     second batch, even on a busy machine), committing its encoding as it goes."""
     import cirlab.index.encode as encode
 
+    # Ctrl-C must reach the build as Python's KeyboardInterrupt, whatever SIGINT handler the forked test process
+    # inherited: in two whole-suite CI runs the SIGINT child ran to the end with exit code 0 (never when this file
+    # runs alone), which points at a handler left by an earlier test.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     real = encode.encode_gallery_files
 
