@@ -28,9 +28,9 @@ from PIL import Image, ImageDraw
 from cirlab.data.benchmark import CIRSplit
 from cirlab.data.shapes import Scene, eval_caption
 from cirlab.evaluation.evaluate import evaluate
+from cirlab.experiments.report import chart_legend, save_percent_chart
 from cirlab.experiments.shapes_env import ShapesEnv
 from cirlab.experiments.study import Row, method_kind, run_study
-from cirlab.io import atomic_path
 from cirlab.methods import create_method
 from cirlab.training.clip_pretrain import heldout_scenes, retrieval_recall
 
@@ -227,9 +227,7 @@ def calibration_chart(report: dict[str, Any], path: str | Path) -> None:
     draw = ImageDraw.Draw(img)
     verdict = "all checks pass" if report["passed"] else "some checks fail"
     draw.text((10, 8), f"Shapes calibration, test split (%): {verdict}", fill="black")
-    for j, (_, _, label, colour) in enumerate(bars):
-        draw.rectangle([10 + j * 150, 26, 20 + j * 150, 36], fill=colour)
-        draw.text((24 + j * 150, 25), label, fill="black")
+    chart_legend(draw, [(label, colour) for _, _, label, colour in bars])
     oracle = report["backbone"]["oracle/test/cirr"]["recall_at_1"]
     x_oracle = left + int(width * oracle / 100)
     draw.line([x_oracle, 45, x_oracle, height - 25], fill=(60, 160, 60))
@@ -247,9 +245,4 @@ def calibration_chart(report: dict[str, Any], path: str | Path) -> None:
             draw.text((x + 4, y), f"{mean:.1f}", fill="black")
             y += bar_h
         y += gap
-    for x_val in (0, 25, 50, 75, 100):
-        x = left + width * x_val // 100
-        draw.line([x, 55, x, height - 25], fill=(220, 220, 220))
-        draw.text((x - 6, height - 20), str(x_val), fill="gray")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    save_percent_chart(img, left, width, 55, path)

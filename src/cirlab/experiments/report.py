@@ -74,6 +74,26 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def chart_legend(draw: ImageDraw.ImageDraw, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
+    """A row of (label, colour) swatches under a chart's title, as every cirlab bar chart draws them."""
+    for j, (label, colour) in enumerate(entries):
+        x = 10 + j * 150
+        draw.rectangle([x, 26, x + 10, 36], fill=colour)
+        draw.text((x + 14, 25), label, fill="black")
+
+
+def save_percent_chart(img: Image.Image, left: int, width: int, top: int, path: str | Path) -> None:
+    """Draws the 0-100 % grid of a horizontal bar chart from ``top`` down and writes the PNG atomically."""
+    draw = ImageDraw.Draw(img)
+    height = img.size[1]
+    for x_val in (0, 25, 50, 75, 100):
+        x = left + width * x_val // 100
+        draw.line([x, top, x, height - 25], fill=(220, 220, 220))
+        draw.text((x - 6, height - 20), str(x_val), fill="gray")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
 def bar_chart(results: dict[str, Any], path: str | Path) -> None:
     """A grouped horizontal bar chart (PNG): CIRR Avg and CIRCO mAP@10, seen vs held-out, per method."""
     bars = [
@@ -88,10 +108,7 @@ def bar_chart(results: dict[str, Any], path: str | Path) -> None:
     img = Image.new("RGB", (left + width + 80, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), "Shapes test splits (%): seen vs held-out", fill="black")
-    for j, (_, _, _, label, colour) in enumerate(bars):
-        x = 10 + j * 150
-        draw.rectangle([x, 26, x + 10, 36], fill=colour)
-        draw.text((x + 14, 25), label, fill="black")
+    chart_legend(draw, [(label, colour) for _, _, _, label, colour in bars])
     y = 50
     for name in names:
         summary = results["methods"][name]["summary"]
@@ -102,12 +119,7 @@ def bar_chart(results: dict[str, Any], path: str | Path) -> None:
             draw.text((left + int(width * value / 100) + 4, y - 2), f"{value:.1f}", fill="black")
             y += bar_h
         y += gap
-    for x_val in (0, 25, 50, 75, 100):
-        x = left + width * x_val // 100
-        draw.line([x, 45, x, height - 25], fill=(220, 220, 220))
-        draw.text((x - 6, height - 20), str(x_val), fill="gray")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    save_percent_chart(img, left, width, 45, path)
 
 
 @torch.no_grad()
