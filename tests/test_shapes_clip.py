@@ -19,12 +19,13 @@ from cirlab.backbones.shapes_clip import RECORD_FILE, shapes_clip, shipped_dir, 
 from cirlab.backbones.tiny import SmallCLIPConfig
 from cirlab.cli.search import default_backbone
 from cirlab.config import from_dict, to_dict
-from cirlab.data.shapes import SceneConfig, ShapesConfig, sample_scene
+from cirlab.data.benchmark import CIRQuery, CIRSplit, Protocol
+from cirlab.data.shapes import SceneConfig, ShapesConfig, eval_caption, sample_scene
 from cirlab.data.shapes.alttext import AltTextConfig, Claim, ObjectClaim, alt_caption, truth_matrix
 from cirlab.data.shapes.edits import one_step_edits
 from cirlab.data.shapes.pretraining import near_duplicate, pretrain_batch, scene_groups
 from cirlab.data.shapes.world import RenderConfig, Scene
-from cirlab.experiments.calibrate import PEERS, ROWS, SPLITS, checks
+from cirlab.experiments.calibrate import PEERS, ROWS, SPLITS, checks, composition_split, oracle_split
 from cirlab.experiments.shapes_env import shipped_fits
 from cirlab.modules.losses import info_nce, multi_positive_nce
 from cirlab.training.clip_pretrain import (
@@ -208,3 +209,18 @@ def test_calibration_checks_pass_on_the_published_order_and_fail_when_it_is_inve
     # The quick world is held to the order checks only.
     assert {c.group for c in checks(_report(good, std=2.0, oracle=10.0), quick=True)} == {"order"}
     assert all(p in ROWS for p in PEERS)
+
+
+def test_the_composition_and_oracle_splits_rewrite_only_the_texts():
+    rng = random.Random(3)
+    ref, tgt = sample_scene(rng, SceneConfig(), n_objects=2), sample_scene(rng, SceneConfig(), n_objects=3)
+    query = CIRQuery("q0", "ref.png", "make it blue", ["make it blue"], ["tgt.png"], subset=["ref.png", "tgt.png"])
+    protocol = Protocol(family="cirr", remove_reference=True, has_ground_truth=True, recall_ks=(1,))
+    split = CIRSplit("cirr", "val", None, [query], ["ref.png", "tgt.png"], protocol)
+    meta = {"q0": {"reference_scene": ref.to_str(), "target_scene": tgt.to_str()}}
+    (composed,) = composition_split(split, meta).queries
+    (oracle,) = oracle_split(split, meta).queries
+    assert composed.text == f"{eval_caption(ref)}, make it blue"
+    assert oracle.text == eval_caption(tgt)
+    for q in (composed, oracle):
+        assert (q.reference, q.targets, q.subset) == (query.reference, query.targets, query.subset)
