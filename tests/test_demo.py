@@ -136,3 +136,24 @@ def test_a_study_row_that_changes_only_stage_2_reuses_stage_1(quick_shapes_root,
     all_stage1 = results["methods"]["m2c: stage 1 only"]["runs"][0]["cirr/test1"]["all"]
     assert all_full != all_stage1
     assert "m2c: synthetic 50%" in study_table(results, latency=True)
+
+
+def test_a_row_the_seed_cannot_change_is_evaluated_once_for_every_seed(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from cirlab.experiments import study
+
+    calls = []
+
+    def fake_evaluate_row(row, env, seed, *args):
+        calls.append((row.method, seed))
+        metrics = {"cirr/val": {"all": {"recall_at_1": float(seed)}, "ms_per_query": 1.0}}
+        return {"metrics": metrics, "train": {}, "seconds": {"train": 0.0, "evaluate": 0.0}}
+
+    monkeypatch.setattr(study, "evaluate_row", fake_evaluate_row)
+    env = SimpleNamespace(world=SimpleNamespace(world_id="w"), clip_metrics={})
+    rows = [study.Row("sum", "sum"), study.Row("pic2word", "pic2word")]
+    results = study.run_study(env, rows, [0, 1, 2], True, tmp_path, log=lambda m: None, splits=["cirr/val"])
+    assert calls == [("sum", 0), ("pic2word", 0), ("pic2word", 1), ("pic2word", 2)]
+    assert len(results["methods"]["sum"]["runs"]) == 3
+    assert results["methods"]["pic2word"]["summary"]["cirr/val"]["all"]["recall_at_1"]["std"] > 0

@@ -117,15 +117,18 @@ def run_study(
     """Every row for every seed on ``splits``; results in the demo's format (so ``markdown_table`` renders them).
 
     Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared (``on_run``, see
-    :func:`evaluate_row`, is then called for the first of them only).
+    :func:`evaluate_row`, is then called for the first of them only). A method the seed cannot change (no training
+    stage, no sampled text) is evaluated once and that result stands for every seed.
     """
     results = new_results(env, seeds, quick)
     done: dict[tuple[str, tuple[str, ...], tuple[str, ...], int], dict[str, Any]] = {}
     for row in rows:
         latency_split = LATENCY_SPLIT if LATENCY_SPLIT in splits else splits[0]
         per_seed, seconds = [], []
+        cls = METHODS.get(row.method)
+        seeded = bool(cls.stages or cls.generators)
         for seed in seeds:
-            key = (row.method, row.overrides, row.evaluation, seed)
+            key = (row.method, row.overrides, row.evaluation, seed if seeded else None)
             t0 = time.perf_counter()
             if key not in done:
                 done[key] = evaluate_row(row, env, seed, quick, runs, force, on_run, splits)
