@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import cirlab
 import cirlab.index.encode
+from cirlab.backbones import create_backbone
 from cirlab.cli.main import main
 from cirlab.data.images import ImageReadError, load_image
 from cirlab.features.cache import FeatureCache
@@ -65,6 +66,17 @@ def test_build_matches_the_bare_model_and_search_ranks_by_score(gallery, tmp_pat
     assert [h.id for h in hits] == expected_ids
     assert [h.score for h in hits] == pytest.approx([float(scores[i]) for i in expected_ids], abs=1e-5)
     assert all(h.file == gallery / h.path for h in hits)
+
+
+def test_a_multimodal_llm_backbone_builds_an_index(gallery, tmp_path, tiny_mllm_dir):
+    # The mllm backbone has no logit_scale; the build must take the device from the backbone protocol's ``device``.
+    spec = f"mllm:{tiny_mllm_dir}"
+    report = build(gallery, tmp_path / "index", tmp_path / "cache", backbone=spec, method="image-only")
+    assert report.count == report.encoded == 24 and not report.unreadable
+    index = cirlab.load_index(tmp_path / "index")
+    backbone = create_backbone(spec).freeze()
+    expected = direct_embeddings(backbone, [gallery / p for p in index.paths])
+    np.testing.assert_allclose(np.asarray(index.embeddings), expected, atol=1e-5)
 
 
 def test_a_gallery_image_is_the_reference_by_its_indexed_path(gallery, tmp_path):

@@ -141,7 +141,7 @@ def encode_gallery_files(
         The embeddings of the files that could be read; unreadable ones are listed in ``failed``.
     """
     transform = method.backbone.image_transform
-    device = method.backbone.logit_scale.device
+    device = method.backbone.device
     prefetch = _Prefetcher(
         lambda pos: _load_preprocessed(paths[pos], transform), len(paths), workers or default_workers(), 2 * batch_size
     )
