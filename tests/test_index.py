@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
+import cirlab.features.images
 import cirlab.index.encode
 from cirlab.backbones import create_backbone
 from cirlab.cli.main import main
@@ -128,8 +129,8 @@ def test_unreadable_files_are_listed_and_skipped(gallery, tmp_path, monkeypatch)
     assert len(index) == 24 and "notes.jpg" not in index.paths
     assert {u["path"] for u in index.manifest["unreadable"]} == set(report.unreadable)
     decoded = []
-    load = cirlab.index.encode._load_preprocessed
-    monkeypatch.setattr(cirlab.index.encode, "_load_preprocessed", lambda p, t: decoded.append(p) or load(p, t))
+    load = cirlab.features.images.load_image
+    monkeypatch.setattr(cirlab.features.images, "load_image", lambda p: decoded.append(p) or load(p))
     again = build(gallery, tmp_path / "index", tmp_path / "cache")  # unchanged bad files are not decoded again
     assert again.unreadable == report.unreadable and again.encoded == 0 and not decoded
     draw_image(gallery / "notes.jpg", seed=5)  # fixed: now it is an image

@@ -24,17 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cirlab.data.benchmark import CIRSplit, load_splits
 from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
 from cirlab.data.fashioniq import training_captions
-from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
-from cirlab.features.backbone import backbone_cache_key, cached_pair_table
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import CorpusFeatures, IndexEntry, encode_corpus, entry_pixels, gather_index
+from cirlab.features.images import FileImages, ImageEncoder, cached_pair_table, image_features
 from cirlab.features.table import FeatureTable
 from cirlab.training.data import PixelTable, Triplet
 from cirlab.training.sources import Encoder, SplitSource, StageData, SyntheticOptions, file_pixels
@@ -292,35 +290,15 @@ class CorpusSource(SplitSource):
             missing = {p for p in paths if not Path(p).is_file()}
             kept = [p for p in paths if p not in missing]
             return PixelTable(kept, file_pixels(backbone, kept), encode), missing
-        arrays, failed = {}, set()
-        parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
-        for part in parts:
-
-            def encode_files(batch: list[Path], part: str = part) -> dict[str, np.ndarray]:
-                with torch.no_grad():
-                    feats = backbone.encode_image(backbone.preprocess([load_image(p) for p in batch]))
-                out = feats.embeds.float() if part == "embeds" else feats.tokens.half()
-                return {part: out.cpu().numpy()}
-
-            result = self.cache.get_or_compute(
-                paths,
-                backbone_cache_key(backbone, part),
-                encode_files,
-                batch_size=self.options.encode_batch_size,
-                storage_dtype="float32" if part == "embeds" else "float16",
-                on_error="skip",
-            )
-            failed |= {str(p) for p in result.failed}
-            arrays[part] = result
-        kept = [p for p in paths if p not in failed]
-        tensors = {}
-        for part, result in arrays.items():
-            # Rows of the items that succeeded for every part, in request order.
-            by_item = {str(item): i for i, item in enumerate(result.items)}
-            rows = [by_item[p] for p in kept]
-            dtype = np.float32 if part == "embeds" else np.float16
-            tensors[part] = torch.from_numpy(np.array(result.take(part, rows, dtype=dtype)))
-        return FeatureTable(kept, tensors["embeds"], tensors.get("tokens")), failed
+        feats = image_features(
+            ImageEncoder.of_backbone(backbone),
+            FileImages(paths),
+            self.cache,
+            tokens=with_tokens,
+            batch_size=self.options.encode_batch_size,
+            on_error="skip",
+        )
+        return feats.table(paths), {paths[i] for i in feats.failed}
 
     def _triplet_table(
         self, triplets: list[Triplet], backbone: Any, with_tokens: bool, encode: Encoder | None, by_name: bool

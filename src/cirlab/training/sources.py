@@ -29,8 +29,15 @@ from cirlab.data.cirr import load_cirr
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, shapes_pseudo_targets
 from cirlab.data.shapes import ShapesWorld, read_triplets
-from cirlab.features.backbone import cached_array_features, cached_image_features, cached_pair_table
 from cirlab.features.cache import FeatureCache
+from cirlab.features.images import (
+    ArrayImages,
+    FileImages,
+    ImageEncoder,
+    cached_pair_table,
+    image_features,
+    split_features,
+)
 from cirlab.features.table import FeatureTable, PairTable
 from cirlab.training.data import PixelTable, Triplet
 from cirlab.types import ImageFeatures
@@ -106,10 +113,7 @@ class SplitSource(ABC):
         """Backbone features of every image of a split (cached on disk and in memory)."""
         key = (name, backbone.identity(), with_tokens)
         if key not in self._features:
-            split = self.split(name)
-            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
-            paths = [split.image_path(n) for n in names]
-            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
+            self._features[key] = split_features(backbone, self.split(name), self.cache, tokens=with_tokens)
         return self._features[key]
 
     def features_for(self, method: Any, name: str) -> FeatureTable:
@@ -117,8 +121,6 @@ class SplitSource(ABC):
         frozen, else fresh encodings by its own (fine-tuned) image encoder, in eval mode."""
         if method.image_encoder_frozen:
             return self.features(name, method.backbone, method.needs_image_tokens)
-        from cirlab.evaluation.evaluate import split_features
-
         was_training = method.training
         method.eval()
         try:
@@ -216,10 +218,13 @@ class ShapesSource(SplitSource):
             return StageData(images=table, captions=captions, info={"pairs": len(table)})
         if kind in ("images", "pairs"):
             corpus = self.corpus()
+            names = [str(i) for i in range(len(corpus))]
             if encode is None:
-                table = cached_array_features(backbone, corpus.images, self.cache, with_tokens=with_tokens)
+                feats = image_features(
+                    ImageEncoder.of_backbone(backbone), ArrayImages(corpus.images), self.cache, tokens=with_tokens
+                )
+                table = feats.table(names)
             else:
-                names = [str(i) for i in range(len(corpus))]
                 table = PixelTable(names, _array_pixels(backbone, corpus.images), encode)
             return StageData(images=table, captions=self.corpus_captions() if kind == "pairs" else None)
         if kind == "captions":
@@ -241,7 +246,8 @@ class ShapesSource(SplitSource):
     ) -> FeatureTable | PixelTable:
         """Cached features of image files, or (with ``encode``) the files themselves, encoded at every access."""
         if encode is None:
-            return cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
+            encoder = ImageEncoder.of_backbone(backbone)
+            return image_features(encoder, FileImages(paths), self.cache, tokens=with_tokens).table(names)
         return PixelTable(names, file_pixels(backbone, paths), encode)
 
     def _pseudo(
