@@ -21,7 +21,7 @@ from cirlab.methods import METHODS, create_method, load_method
 from cirlab.methods.base import checkpoint_info
 from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
-from cirlab.training.run import load_run_config
+from cirlab.training.run_config import load_run_config
 from cirlab.training.sources import ShapesSource
 from cirlab.types import Backbone, PairEncoder, PairFeatures
 
@@ -201,11 +201,11 @@ def test_the_shapes_source_serves_pair_rows_when_the_method_asks(mllm, images, c
     source = ShapesSource(world, cache, captions_per_image=2)
     method = _method(mllm, fused="pair")
     method.prepare_stage("prior")
-    data = source.stage_data_for(method, "prior")
+    data = source.stage_data(method.data_request("prior"))
     assert isinstance(data.images, PairTable) and len(data.images) == len(data.captions) == 2 * N_IMAGES
     assert data.info == {"pairs": 2 * N_IMAGES}
     assert all(len(c) == 1 for c in data.captions)
-    plain = source.stage_data_for(_method(mllm), "prior")
+    plain = source.stage_data(_method(mllm).data_request("prior"))
     assert isinstance(plain.images, FeatureTable) and len(plain.images) == N_IMAGES
 
 
