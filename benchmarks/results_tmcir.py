@@ -39,7 +39,7 @@ def rows() -> list[Row]:
 
 def notes() -> list[str]:
     """How stage A's pseudo-targets were made, from the preset TMCIR runs with."""
-    from cirlab.training.run import load_run_config
+    from cirlab.training.run_config import load_run_config
 
     options = load_run_config("tmcir", "shapes").method.pseudo_targets
     if options.manifest:

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 
 from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import DEFAULT_ROOT, prepare_shapes
+from cirlab.methods.base import DataRequest
 from cirlab.modules.pseudo_word import text_embeds
 
 
 def gap_statistics(env, n: int = 1000) -> dict[str, float]:
     """Image vs caption embeddings of ``n`` corpus images in the backbone's space (normalised embeddings)."""
-    data = env.source.stage_data("pairs", env.backbone)
+    data = env.source.stage_data(DataRequest("pairs", env.backbone))
     table, captions = data.images, data.captions
     rows = torch.arange(min(n, len(table)))
     with torch.no_grad():

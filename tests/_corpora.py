@@ -216,7 +216,8 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
     from cirlab.features.cache import FeatureCache
     from cirlab.methods import METHODS, create_method
     from cirlab.training.corpus_source import CorpusSource
-    from cirlab.training.run import fit, load_run_config
+    from cirlab.training.run import fit
+    from cirlab.training.run_config import load_run_config
 
     ended: dict[str, str] = {}
     load_weights = run_module.load_weights
@@ -258,8 +259,9 @@ def two_process_worker(rank: int, world_size: int, init_file: str, pattern: str,
     from cirlab.features.cache import FeatureCache
     from cirlab.features.corpus import index_corpus
     from cirlab.methods import create_method
-    from cirlab.training.corpus_source import CorpusSource, DataOptions
-    from cirlab.training.run import fit, load_run_config
+    from cirlab.training.corpus_source import CorpusSource
+    from cirlab.training.run import fit
+    from cirlab.training.run_config import DataOptions, load_run_config
 
     join_gloo(rank, world_size, init_file)
     with process_group():

@@ -80,16 +80,9 @@ def pixel_features(batch: list[Path]) -> np.ndarray:
 def encode_files(paths: list[Path], cache_dir: Path, say=lambda line: None):
     """Features of ``paths`` through the cache, committed every 8 files."""
     from cirlab.features.cache import FeatureCache
-    from cirlab.features.distributed import sharded_get_or_compute
 
-    return sharded_get_or_compute(
-        FeatureCache(cache_dir),
-        paths,
-        ENCODER_KEY,
-        pixel_features,
-        chunk=8,
-        batch_size=4,
-        progress=lambda done, total: say("chunk"),
+    return FeatureCache(cache_dir).get_or_compute(
+        paths, ENCODER_KEY, pixel_features, chunk=8, batch_size=4, progress=lambda done, total: say("chunk")
     )
 
 

@@ -20,8 +20,8 @@ import torch
 
 import cirlab
 from cirlab.distributed import World, process_group
-from cirlab.features.backbone import cached_image_features
 from cirlab.features.cache import FeatureCache
+from cirlab.features.images import FileImages, ImageEncoder, image_features
 from cirlab.methods import create_method
 from cirlab.training.data import FeatureTable, make_batch_fn
 from cirlab.training.loop import TrainConfig, TrainResult, train
@@ -105,8 +105,8 @@ def main(argv: list[str]) -> None:
         paths = [Path(p) for p in json.loads(Path(argv[1]).read_text())]
         backbone = cirlab.create_backbone("tiny").freeze()
         cache = FeatureCache(out / "cache")
-        table = cached_image_features(backbone, [p.name for p in paths], paths, cache, batch_size=4, world=world)
-        np.save(out / f"rank{world.rank}.npy", table.embeds.numpy())
+        feats = image_features(ImageEncoder.of_backbone(backbone), FileImages(paths), cache, batch_size=4, world=world)
+        np.save(out / f"rank{world.rank}.npy", feats.tensor().numpy())
 
 
 if __name__ == "__main__":

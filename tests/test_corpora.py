@@ -35,8 +35,10 @@ from cirlab.data.corpora import (
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import INDEX_DIR, encode_corpus, index_corpus
 from cirlab.methods import METHODS, create_method
-from cirlab.training.corpus_source import CorpusSource, DataOptions
-from cirlab.training.run import fit, load_run_config
+from cirlab.methods.base import DataRequest
+from cirlab.training.corpus_source import CorpusSource
+from cirlab.training.run import fit
+from cirlab.training.run_config import DataOptions, load_run_config
 
 
 def test_registered_as_datasets():
@@ -251,7 +253,7 @@ def test_pairs_drop_images_without_captions_and_say_so(tmp_path, tiny_backbone):
     for txt in list((tmp_path / "imgs").rglob("*.txt"))[:2]:
         txt.unlink()
     source = CorpusSource(DataOptions(images=str(tmp_path / "imgs"), num_workers=0), FeatureCache(tmp_path / "c"))
-    data = source.stage_data("pairs", tiny_backbone)
+    data = source.stage_data(DataRequest("pairs", tiny_backbone))
     assert len(data.images) == len(data.captions) == 4
     assert data.info["without_caption"] == 2
 
@@ -259,11 +261,11 @@ def test_pairs_drop_images_without_captions_and_say_so(tmp_path, tiny_backbone):
 def test_missing_data_settings_are_clear_errors(tmp_path, tiny_backbone):
     source = CorpusSource(DataOptions(), FeatureCache(tmp_path))
     with pytest.raises(ValueError, match=r"data\.images"):
-        source.stage_data("images", tiny_backbone)
+        source.stage_data(DataRequest("images", tiny_backbone))
     with pytest.raises(ValueError, match=r"data\.triplets"):
-        source.stage_data("synthetic_triplets", tiny_backbone)
+        source.stage_data(DataRequest("synthetic_triplets", tiny_backbone))
     with pytest.raises(ValueError, match=r"pseudo_targets\.manifest"):
-        source.stage_data("pseudo_triplets", tiny_backbone)
+        source.stage_data(DataRequest("pseudo_triplets", tiny_backbone))
     with pytest.raises(ValueError, match=r"data\.benchmark"):
         CorpusSource(DataOptions(benchmark="circo"), FeatureCache(tmp_path))
 

@@ -105,11 +105,12 @@ def test_two_processes_resume_exactly(two_process_run):
 
 
 def test_two_processes_split_the_encoding_and_both_get_everything(two_process_run, tiny_backbone):
-    from cirlab.features.backbone import cached_image_features
+    from cirlab.features.images import FileImages, ImageEncoder, image_features
 
     paths = [Path(p) for p in json.loads((two_process_run / "paths.json").read_text())]
-    reference = cached_image_features(
-        tiny_backbone, [p.name for p in paths], paths, FeatureCache(two_process_run / "reference")
+    encoder = ImageEncoder.of_backbone(tiny_backbone)
+    reference = image_features(encoder, FileImages(paths), FeatureCache(two_process_run / "reference")).table(
+        [p.name for p in paths]
     )
     for rank in (0, 1):
         got = np.load(two_process_run / f"rank{rank}.npy")

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
+import cirlab.features.images
 import cirlab.index.encode
+from cirlab.backbones import create_backbone
 from cirlab.cli.main import main
 from cirlab.data.images import ImageReadError, load_image
 from cirlab.features.cache import FeatureCache
@@ -65,6 +67,17 @@ def test_build_matches_the_bare_model_and_search_ranks_by_score(gallery, tmp_pat
     assert [h.id for h in hits] == expected_ids
     assert [h.score for h in hits] == pytest.approx([float(scores[i]) for i in expected_ids], abs=1e-5)
     assert all(h.file == gallery / h.path for h in hits)
+
+
+def test_a_multimodal_llm_backbone_builds_an_index(gallery, tmp_path, tiny_mllm_dir):
+    # The mllm backbone has no logit_scale; the build must take the device from the backbone protocol's ``device``.
+    spec = f"mllm:{tiny_mllm_dir}"
+    report = build(gallery, tmp_path / "index", tmp_path / "cache", backbone=spec, method="image-only")
+    assert report.count == report.encoded == 24 and not report.unreadable
+    index = cirlab.load_index(tmp_path / "index")
+    backbone = create_backbone(spec).freeze()
+    expected = direct_embeddings(backbone, [gallery / p for p in index.paths])
+    np.testing.assert_allclose(np.asarray(index.embeddings), expected, atol=1e-5)
 
 
 def test_a_gallery_image_is_the_reference_by_its_indexed_path(gallery, tmp_path):
@@ -116,8 +129,8 @@ def test_unreadable_files_are_listed_and_skipped(gallery, tmp_path, monkeypatch)
     assert len(index) == 24 and "notes.jpg" not in index.paths
     assert {u["path"] for u in index.manifest["unreadable"]} == set(report.unreadable)
     decoded = []
-    load = cirlab.index.encode._load_preprocessed
-    monkeypatch.setattr(cirlab.index.encode, "_load_preprocessed", lambda p, t: decoded.append(p) or load(p, t))
+    load = cirlab.features.images.load_image
+    monkeypatch.setattr(cirlab.features.images, "load_image", lambda p: decoded.append(p) or load(p))
     again = build(gallery, tmp_path / "index", tmp_path / "cache")  # unchanged bad files are not decoded again
     assert again.unreadable == report.unreadable and again.encoded == 0 and not decoded
     draw_image(gallery / "notes.jpg", seed=5)  # fixed: now it is an image

@@ -21,7 +21,8 @@ from cirlab.modules.injection import VisualSemanticInjection
 from cirlab.modules.lora import LoRALinear, inject_lora, lora_disabled, lora_parameters
 from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
 from cirlab.training.loop import train
-from cirlab.training.run import fit, hard_negative_fn, load_run_config
+from cirlab.training.run import fit, hard_negative_fn
+from cirlab.training.run_config import load_run_config
 from cirlab.training.sources import StageData
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -237,13 +238,10 @@ class _FakeSource:
     def features_for(self, method, name: str) -> FeatureTable:
         return self.val_features
 
-    def stage_data(self, kind: str, backbone, with_tokens: bool = False, synthetic=None) -> StageData:
-        if kind == "pairs":
+    def stage_data(self, request, synthetic=None) -> StageData:
+        if request.kind == "pairs":
             return StageData(images=self.train_features, captions=[[CAPTIONS[i % 3]] for i in range(24)])
         return StageData(images=self.train_features, triplets=_triplets(), info={"triplets": 24})
-
-    def stage_data_for(self, method, stage: str, synthetic=None) -> StageData:
-        return self.stage_data(method.stage(stage).data, method.backbone, method.needs_image_tokens, synthetic)
 
 
 def test_fit_runs_stage2_alone_on_top_of_an_earlier_stage1(tiny_backbone, tmp_path):

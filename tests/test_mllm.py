@@ -14,14 +14,14 @@ from PIL import Image
 import cirlab
 from cirlab.backbones import create_backbone
 from cirlab.backbones.mllm import MLLMBackbone, MLLMJointSpace, MLLMJointSpaceConfig
-from cirlab.features.backbone import cached_array_features, cached_pair_table
 from cirlab.features.cache import FeatureCache
+from cirlab.features.images import ArrayImages, ImageEncoder, cached_pair_table, image_features
 from cirlab.features.table import PairTable
 from cirlab.methods import METHODS, create_method, load_method
 from cirlab.methods.base import checkpoint_info
 from cirlab.training.data import FeatureTable, Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
-from cirlab.training.run import load_run_config
+from cirlab.training.run_config import load_run_config
 from cirlab.training.sources import ShapesSource
 from cirlab.types import Backbone, PairEncoder, PairFeatures
 
@@ -53,12 +53,17 @@ def cache(tmp_path_factory) -> FeatureCache:
 
 @pytest.fixture(scope="module")
 def table(mllm, images, cache) -> FeatureTable:
-    return cached_array_features(mllm, images, cache)
+    return _image_table(mllm, images, cache)
 
 
 @pytest.fixture(scope="module")
 def pairs(mllm, images, cache) -> tuple:
     return cached_pair_table(mllm, images, [CAPTIONS[i % len(CAPTIONS)] for i in range(N_IMAGES)], cache)
+
+
+def _image_table(backbone, images: np.ndarray, cache: FeatureCache) -> FeatureTable:
+    feats = image_features(ImageEncoder.of_backbone(backbone), ArrayImages(images), cache)
+    return feats.table([str(i) for i in range(len(images))])
 
 
 def _triplets() -> list[Triplet]:
@@ -109,11 +114,11 @@ def test_features_and_pair_embeddings_go_through_the_cache(mllm, images, tmp_pat
     monkeypatch.setattr(mllm, "encode_image", counted_image)
     monkeypatch.setattr(mllm, "encode_pair", counted_pair)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(N_IMAGES)]
-    first = cached_array_features(mllm, images, cache)
+    first = _image_table(mllm, images, cache)
     pair_table, pair_captions = cached_pair_table(mllm, images, captions, cache)
     n_pairs = sum(len(c) for c in captions)
     assert calls == {"image": N_IMAGES, "pair": n_pairs}
-    again = cached_array_features(mllm, images, cache)
+    again = _image_table(mllm, images, cache)
     pair_again, _ = cached_pair_table(mllm, images, captions, cache)
     assert calls == {"image": N_IMAGES, "pair": n_pairs}, "cached features were encoded again"
     assert torch.equal(again.embeds, first.embeds) and torch.equal(pair_again.fused, pair_table.fused)
@@ -196,11 +201,11 @@ def test_the_shapes_source_serves_pair_rows_when_the_method_asks(mllm, images, c
     source = ShapesSource(world, cache, captions_per_image=2)
     method = _method(mllm, fused="pair")
     method.prepare_stage("prior")
-    data = source.stage_data_for(method, "prior")
+    data = source.stage_data(method.data_request("prior"))
     assert isinstance(data.images, PairTable) and len(data.images) == len(data.captions) == 2 * N_IMAGES
     assert data.info == {"pairs": 2 * N_IMAGES}
     assert all(len(c) == 1 for c in data.captions)
-    plain = source.stage_data_for(_method(mllm), "prior")
+    plain = source.stage_data(_method(mllm).data_request("prior"))
     assert isinstance(plain.images, FeatureTable) and len(plain.images) == N_IMAGES
 
 

@@ -24,7 +24,8 @@ from cirlab.modules.oti import ConceptBank, ConceptConfig, OTIConfig, oti_invert
 from cirlab.modules.pseudo_word import encode_with_pseudo
 from cirlab.training.data import Triplet, make_batch_fn
 from cirlab.training.loop import TrainConfig, train
-from cirlab.training.run import load_run_config, validation_splits
+from cirlab.training.run import validation_splits
+from cirlab.training.run_config import load_run_config
 from cirlab.types import ImageFeatures
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"

@@ -22,8 +22,8 @@ from _corpora import (
 from cirlab.cli.main import main
 from cirlab.data.benchmark import load_splits
 from cirlab.methods import METHODS
-from cirlab.training.presets import DryRun, dry_run_config, resolve_dataset
-from cirlab.training.run import load_run_config
+from cirlab.training.dry_run import DryRun, dry_run_config
+from cirlab.training.run_config import load_run_config, resolve_dataset
 
 CONFIGS = Path(str(resources.files("cirlab") / "configs"))
 PRESETS = sorted((p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml"))

@@ -350,13 +350,13 @@ def test_pseudo_triplets_feed_a_fine_tuned_method_from_pixels(world, tiny_backbo
     source = ShapesSource(world, FeatureCache(tmp_path / "features"))
     method = create_method("tmcir", tiny_backbone, {"pseudo_targets": {"noise": 0.25}})
     method.prepare_stage("align")
-    data = source.stage_data_for(method, "align")
+    data = source.stage_data(method.data_request("align"))
     assert isinstance(data.images, PixelTable) and data.info["pseudo_generator"] == "shapes-renderer"
     assert len(data.triplets) == 30 and all(Path(t.target).is_file() for t in data.triplets)
     folder = Path(data.triplets[0].target).parents[1]
     assert folder.parent == world.root.parent / f"{world.root.name}-pseudo"
     stamp = (folder / pt.MANIFEST_FILE).stat().st_mtime_ns
-    again = source.stage_data_for(method, "align")
+    again = source.stage_data(method.data_request("align"))
     assert [t.target for t in again.triplets] == [t.target for t in data.triplets]
     assert (folder / pt.MANIFEST_FILE).stat().st_mtime_ns == stamp, "cached pseudo-targets must be reused"
     batch = make_batch_fn("pseudo_triplets", 4, 0, images=data.images, triplets=data.triplets)(0, 0)

@@ -52,7 +52,7 @@ def _shapes_method(method: str, env, quick: bool, overrides: list[str]):
     cls = METHODS.get(method)
     if cls.generators:
         from cirlab.experiments.standins import prepare_standins, with_standins
-        from cirlab.training.run import load_run_config
+        from cirlab.training.run_config import load_run_config
 
         config = with_standins(
             method, load_run_config(method, "shapes").method, prepare_standins(env, quick, log=typer.echo)
@@ -206,8 +206,8 @@ def train_cmd(
 
     from cirlab.io import file_lock
     from cirlab.methods import METHODS
-    from cirlab.training.presets import dry_run_config, effective_config, resolve_dataset
-    from cirlab.training.run import load_run_config
+    from cirlab.training.dry_run import dry_run_config
+    from cirlab.training.run_config import effective_config, load_run_config, resolve_dataset
 
     cls = METHODS.get(method)
     names = [s.name for s in cls.stages]
@@ -271,7 +271,7 @@ def _train(
     from cirlab.experiments.shapes_env import prepare_shapes
     from cirlab.io import file_lock
     from cirlab.methods import create_method
-    from cirlab.training.presets import corpus_inputs
+    from cirlab.training.corpus_source import corpus_inputs
     from cirlab.training.run import fit
 
     if source_kind == "shapes":

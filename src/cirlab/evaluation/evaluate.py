@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.data.benchmark import CIRSplit
-from cirlab.data.images import load_image
 from cirlab.evaluation.protocols import evaluate_scores
+from cirlab.features.images import split_features
 from cirlab.features.table import FeatureTable
 from cirlab.methods.base import compose_with_context, needs_context
-from cirlab.types import ImageFeatures, QueryContext, ReferenceImage
+from cirlab.types import QueryContext, ReferenceImage
 
 
 @dataclass
@@ -33,51 +32,6 @@ class EvalResult:
     n_queries: int = 0
     seconds: float = 0.0
     conventions: str = ""
-
-
-def split_image_names(split: CIRSplit) -> list[str]:
-    """Gallery names followed by any reference image that is not in the gallery."""
-    names = dict.fromkeys(split.gallery)
-    names.update(dict.fromkeys(q.reference for q in split.queries))
-    return list(names)
-
-
-@torch.no_grad()
-def encode_images(
-    encode: Callable[[torch.Tensor], ImageFeatures],
-    preprocess: Callable[[list], torch.Tensor],
-    paths: Sequence[Path],
-    batch_size: int = 256,
-    with_tokens: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encodes image files in batches; returns embeds (N, d) float32 and tokens (N, 1 + n, w) float16 or None."""
-    embeds, tokens = [], []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        feats = encode(preprocess([load_image(p) for p in chunk]))
-        embeds.append(feats.embeds.float().cpu())
-        if with_tokens:
-            tokens.append(feats.tokens.half().cpu())
-        if progress is not None:
-            progress(len(chunk))
-    d_tokens = torch.cat(tokens) if with_tokens and tokens else None
-    return (torch.cat(embeds) if embeds else torch.empty(0, 0)), d_tokens
-
-
-def split_features(
-    method: Any, split: CIRSplit, batch_size: int = 256, cache: Any = None, progress: bool = False
-) -> FeatureTable:
-    """Image features of every image a split needs, through the feature cache when the image encoder is frozen."""
-    names = split_image_names(split)
-    paths = [split.image_path(n) for n in names]
-    with_tokens = bool(getattr(method, "needs_image_tokens", False))
-    if cache is not None and method.image_encoder_frozen:
-        from cirlab.features.backbone import cached_image_features
-
-        return cached_image_features(method.backbone, names, paths, cache, batch_size, with_tokens, progress)
-    embeds, tokens = encode_images(method.encode_images, method.backbone.preprocess, paths, batch_size, with_tokens)
-    return FeatureTable(names, embeds, tokens)
 
 
 def method_view(method: Any, split: CIRSplit) -> CIRSplit:

@@ -26,7 +26,8 @@ from cirlab.experiments.standins import prepare_standins, with_standins
 from cirlab.generation.cache import TextCache
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS, create_method, load_method
-from cirlab.training.run import fit, load_run_config, scale_steps
+from cirlab.training.run import fit
+from cirlab.training.run_config import load_run_config, scale_steps
 
 TEST_SPLITS = ("cirr/test1", "circo/test")
 QUICK_STEPS = 0.25

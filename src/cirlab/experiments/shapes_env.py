@@ -23,7 +23,7 @@ from cirlab.data.shapes import ShapesConfig, ShapesWorld, build_world, world_id
 from cirlab.features.cache import FeatureCache
 from cirlab.io import atomic_write_json
 from cirlab.training.clip_pretrain import CLIPPretrainConfig, pretrain_clip
-from cirlab.training.run import scale_train
+from cirlab.training.run_config import scale_train
 from cirlab.training.sources import ShapesSource
 
 DEFAULT_ROOT = Path("runs") / "shapes"

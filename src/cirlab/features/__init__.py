@@ -1,7 +1,6 @@
 """Content-hashed image feature store shared by methods, evaluator and index (STYLE.md rule 10)."""
 
 from cirlab.features.cache import CachedFeatures, FeatureCache, default_cache_dir, encoder_key
-from cirlab.features.distributed import sharded_get_or_compute, sharded_get_or_compute_keys
 from cirlab.features.hashing import StatMemo, hash_array, hash_bytes, hash_file, hash_files
 
 __all__ = [
@@ -14,6 +13,4 @@ __all__ = [
     "hash_bytes",
     "hash_file",
     "hash_files",
-    "sharded_get_or_compute",
-    "sharded_get_or_compute_keys",
 ]

@@ -47,12 +47,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from cirlab.features.hashing import StatMemo, hash_bytes, hash_files
 from cirlab.io import atomic_write_json, create_temp_file, fsync_dir, read_json
+
+if TYPE_CHECKING:
+    from cirlab.distributed import World
 
 OnError = Literal["raise", "skip"]
 EncodeOutput = Any  # an (B, ...) array / tensor, or a mapping name -> (B, ...) array / tensor
@@ -542,6 +545,14 @@ class FeatureCache:
             self._namespaces[key] = _Namespace(self.root / key)
         return self._namespaces[key]
 
+    def digests(self, paths: Sequence[str | os.PathLike]) -> list[str | OSError]:
+        """The content key of every file (its bytes' digest), or the ``OSError`` naming why it cannot be read.
+
+        Files are hashed once: digests are remembered by stat signature in the cache's memo (unless the cache was
+        opened with ``stat_memo=False``), which is what makes an unchanged gallery's rebuild cheap.
+        """
+        return hash_files([Path(p) for p in paths], self._memo, self.hash_workers)
+
     def get_or_compute(
         self,
         paths: Sequence[str | os.PathLike],
@@ -552,6 +563,8 @@ class FeatureCache:
         storage_dtype: str | None = None,
         on_error: OnError = "raise",
         progress: Progress | None = None,
+        world: World | None = None,
+        chunk: int | None = None,
     ) -> CachedFeatures:
         """Features of image files, encoding only the files whose content is not cached yet.
 
@@ -568,13 +581,23 @@ class FeatureCache:
                 is encoded, and an ``encode_fn`` error propagates. ``"skip"``: such items are left out and
                 listed in ``failed`` (a failing batch is retried one item at a time to find the culprits).
             progress: called as ``progress(done, total)`` after each encoded batch.
+            world: the processes of a ``torchrun`` job splitting the encoding (each calls this with the same
+                items and gets all the features; ``cirlab.features.distributed``); None: this process alone.
+            chunk: with or without ``world``, commit a shard every ``chunk`` items (what a crash loses at most).
 
         Returns:
             The features of the items that succeeded.
         """
+        if world is not None or chunk is not None:
+            from cirlab.features.distributed import sharded_get_or_compute
+
+            return sharded_get_or_compute(
+                self, paths, encoder_key, encode_fn, world=world, chunk=chunk,
+                batch_size=batch_size, storage_dtype=storage_dtype, on_error=on_error, progress=progress,
+            )  # fmt: skip
         paths = [Path(p) for p in paths]
         _check_on_error(on_error)
-        digests = hash_files(paths, self._memo, self.hash_workers)
+        digests = self.digests(paths)
         keys, positions, failures = [], [], {}
         for i, digest in enumerate(digests):
             if isinstance(digest, OSError):
@@ -612,7 +635,7 @@ class FeatureCache:
         """
         if keys is None:
             paths = [Path(p) for p in items]
-            digests = hash_files(paths, self._memo, self.hash_workers)
+            digests = self.digests(paths)
             keys = [None if isinstance(d, OSError) else d for d in digests]
             unreadable = {
                 p: f"{type(d).__name__}: {d}" for p, d in zip(paths, digests, strict=True) if isinstance(d, OSError)
@@ -645,6 +668,8 @@ class FeatureCache:
         storage_dtype: str | None = None,
         on_error: OnError = "raise",
         progress: Progress | None = None,
+        world: World | None = None,
+        chunk: int | None = None,
     ) -> CachedFeatures:
         """Features of inputs that are not files, identified by caller-provided content keys.
 
@@ -656,11 +681,18 @@ class FeatureCache:
             encoder_key: the encoder identity, from :func:`encoder_key`.
             encode_fn: maps a list of positions into ``keys`` (at most ``batch_size``) to features, as in
                 :meth:`get_or_compute`.
-            batch_size, storage_dtype, on_error, progress: as in :meth:`get_or_compute`.
+            batch_size, storage_dtype, on_error, progress, world, chunk: as in :meth:`get_or_compute`.
 
         Returns:
             The features of the items that succeeded; ``items`` holds their keys.
         """
+        if world is not None or chunk is not None:
+            from cirlab.features.distributed import sharded_get_or_compute_keys
+
+            return sharded_get_or_compute_keys(
+                self, keys, encoder_key, encode_fn, world=world, chunk=chunk,
+                batch_size=batch_size, storage_dtype=storage_dtype, on_error=on_error, progress=progress,
+            )  # fmt: skip
         _check_on_error(on_error)
         keys = list(keys)
         for key in keys:

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cirlab.data.corpora import (
@@ -32,9 +31,9 @@ from cirlab.data.corpora import (
     shard_context,
 )
 from cirlab.distributed import all_gather_objects, current_world
-from cirlab.features.backbone import backbone_cache_key
 from cirlab.features.cache import FeatureCache
 from cirlab.features.hashing import hash_bytes
+from cirlab.features.images import ImageEncoder, KeyedImages, image_features
 from cirlab.features.table import FeatureTable
 from cirlab.io import atomic_write_json, read_json
 
@@ -228,47 +227,30 @@ def encode_corpus(
     entries, skipped = index_corpus(corpus, num_workers, rank, world_size, index_dir)
     skips = SkipCounter()
     skips.merge(skipped)
-    failed: set[str] = set()
-    parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
-    keys = [e.key for e in entries]
-    for part in parts:
-
-        def encode(positions: list[int], part: str = part) -> dict[str, np.ndarray]:
-            pixels = backbone.preprocess(_decode_all([entries[i] for i in positions], num_workers))
-            with torch.no_grad():
-                feats = backbone.encode_image(pixels)
-            if part == "embeds":
-                return {part: feats.embeds.float().cpu().numpy()}
-            return {part: feats.tokens.half().cpu().numpy()}
-
-        result = cache.get_or_compute_keys(
-            keys,
-            backbone_cache_key(backbone, part),
-            encode,
-            batch_size=batch_size,
-            storage_dtype="float32" if part == "embeds" else "float16",
-            on_error="skip",
-        )
-        failed |= set(result.failed)
-    bad = [e for e in entries if e.key in failed]
-    for e in bad:
-        skips.add("undecodable image", f"{e.path}:{e.name}")
+    encoder = ImageEncoder.of_backbone(backbone)
+    mine = image_features(
+        encoder,
+        KeyedImages([e.key for e in entries], lambda rows: _decode_all([entries[i] for i in rows], num_workers)),
+        cache,
+        tokens=with_tokens,
+        batch_size=batch_size,
+        on_error="skip",
+    )
+    for i in sorted(mine.failed):
+        skips.add("undecodable image", f"{entries[i].path}:{entries[i].name}")
+    failed = {entries[i].key for i in mine.failed}
     unique, skipped = _merge(corpus, [e for e in entries if e.key not in failed], skips)
-    arrays = {}
-    for part in parts:
 
-        def missing(positions: list[int]) -> Any:
-            raise RuntimeError(
-                f"{len(positions)} corpus images have no cached features after encoding; every process must use "
-                f"the same feature cache directory ({cache.root})"
-            )
-
-        feats = cache.get_or_compute_keys(
-            [e.key for e in unique], backbone_cache_key(backbone, part), missing, batch_size=batch_size
+    def missing(rows: Sequence[int]) -> Any:
+        raise RuntimeError(
+            f"{len(rows)} corpus images have no cached features after encoding; every process must use "
+            f"the same feature cache directory ({cache.root})"
         )
-        dtype = np.float32 if part == "embeds" else np.float16
-        arrays[part] = torch.from_numpy(np.array(feats.array(part, dtype=dtype)))
-    table = FeatureTable([e.name for e in unique], arrays["embeds"], arrays.get("tokens"))
+
+    # Every process's images, encoded by whichever process read them: here they are only looked up.
+    table = image_features(
+        encoder, KeyedImages([e.key for e in unique], missing), cache, tokens=with_tokens, batch_size=batch_size
+    ).table([e.name for e in unique])
     return CorpusFeatures(table, [e.captions for e in unique], unique, skipped)
 
 

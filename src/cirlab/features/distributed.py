@@ -7,7 +7,8 @@ only what is still missing. The merge is the manifest: once every process is don
 of all items, in request order, from the shards all processes committed (memory-mapped, nothing is copied).
 
 A single process (``world`` of size 1) runs the same code, which is what makes a long one-process encoding
-resumable in chunks too. Every process must call these functions with the same items.
+resumable in chunks too. Every process must call these functions with the same items. Callers reach them through
+``FeatureCache.get_or_compute`` / ``get_or_compute_keys`` with ``world=`` or ``chunk=``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def sharded_get_or_compute(
     encode_fn: Callable[[list[Path]], EncodeOutput],
     *,
     world: World | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     batch_size: int = 64,
     storage_dtype: str | None = None,
     on_error: OnError = "raise",
@@ -78,7 +79,7 @@ def sharded_get_or_compute(
         paths: image files, the same list on every process; the result follows this order.
         encoder_key, encode_fn, batch_size, storage_dtype, on_error: as in ``get_or_compute``.
         world: the processes sharing the work (default: this process alone).
-        chunk: items per committed shard.
+        chunk: items per committed shard (default ``DEFAULT_CHUNK``).
         progress: ``progress(done, total)`` over this process's block, after each chunk.
 
     Returns:
@@ -90,6 +91,7 @@ def sharded_get_or_compute(
         ``on_error="raise"``), so no process is left waiting.
     """
     world = world or World()
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     paths = [Path(p) for p in paths]
 
     def encode_chunk(start: int, stop: int) -> CachedFeatures:
@@ -111,7 +113,7 @@ def sharded_get_or_compute_keys(
     encode_fn: Callable[[list[int]], EncodeOutput],
     *,
     world: World | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     batch_size: int = 64,
     storage_dtype: str | None = None,
     on_error: OnError = "raise",
@@ -122,6 +124,7 @@ def sharded_get_or_compute_keys(
     Arguments and result as in :func:`sharded_get_or_compute`.
     """
     world = world or World()
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     keys = list(keys)
 
     def encode_chunk(start: int, stop: int) -> CachedFeatures:

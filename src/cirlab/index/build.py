@@ -29,14 +29,10 @@ import numpy as np
 
 from cirlab.data.images import IMAGE_SUFFIXES
 from cirlab.features.cache import FeatureCache, default_cache_dir
-from cirlab.features.hashing import StatMemo, hash_files
 from cirlab.index.ann import AnnConfig, build_ann, write_ann
 from cirlab.index.encode import Progress, encode_gallery_files
 from cirlab.index.model import load_model
 from cirlab.index.store import IndexFormatError, claim_directory, read_generation, write_generation
-
-HASH_MEMO = "hash_memo.sqlite"
-"""The feature cache's path -> digest memo (``cirlab.features.cache`` layout), shared so files are hashed once."""
 
 
 @dataclass
@@ -185,7 +181,7 @@ def build_index(
     screened = {rel: why for rel in rel_paths if (why := screen_file(root, rel)) is not None}
     report.unreadable.update(screened)
     to_hash = [rel for rel in rel_paths if rel not in screened]
-    hashed = hash_files([root / p for p in to_hash], StatMemo(cache.root / HASH_MEMO), cache.hash_workers)
+    hashed = cache.digests([root / p for p in to_hash])
     digest_by_rel = dict(zip(to_hash, hashed, strict=True))
     digests: list[str | OSError | None] = [digest_by_rel.get(rel) for rel in rel_paths]
     previous = _previous(out, spec.key, log)

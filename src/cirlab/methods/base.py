@@ -16,9 +16,10 @@ signature. Their generated texts go through ``text_cache``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,23 @@ from cirlab.io import atomic_path, atomic_write_json, read_json
 from cirlab.registry import METHODS
 from cirlab.types import ImageFeatures, QueryContext
 
+if TYPE_CHECKING:
+    from cirlab.data.pseudo_targets import PseudoTargetOptions
+
 DataKind = Literal["images", "pairs", "captions", "triplets", "synthetic_triplets", "pseudo_triplets"]
+BatchShape = Literal["images", "pairs", "captions", "triplets"]
+
+DATA_KINDS: dict[str, BatchShape] = {
+    "images": "images",
+    "pairs": "pairs",
+    "captions": "captions",
+    "triplets": "triplets",
+    "synthetic_triplets": "triplets",
+    "pseudo_triplets": "triplets",
+}
+"""Every data kind a stage may read, and the shape of its batches (``training.data.make_batch_fn``): a new kind of
+an existing shape is one entry here and a server in each training source that offers it."""
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -41,14 +58,57 @@ class Stage:
 
     Attributes:
         name: stage name (``cirlab train --stage NAME``).
-        data: what the stage reads: ``images`` (images only), ``pairs`` (image + caption), ``captions`` (text
-            only), ``triplets`` (the benchmark's supervised train triplets) or ``synthetic_triplets``.
+        data: what the stage reads (a key of ``DATA_KINDS``): ``images`` (images only), ``pairs`` (image +
+            caption), ``captions`` (text only), ``triplets`` (the benchmark's supervised train triplets),
+            ``synthetic_triplets`` or ``pseudo_triplets`` (train triplets with generated targets).
         zero_shot: True when the stage never sees a benchmark's human-annotated triplets.
     """
 
     name: str
     data: DataKind
     zero_shot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"stage {self.name!r}: unknown data kind {self.data!r}; known: {', '.join(DATA_KINDS)}")
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What one training stage reads, as its method states it (``CIRMethod.data_request``); every training data
+    source serves it the same way (``training.sources.SplitSource.stage_data``).
+
+    Attributes:
+        kind: the stage's data kind (a key of ``DATA_KINDS``).
+        backbone: whose cached features (or, with ``encode``, whose preprocessing) serve the images.
+        tokens: cached image features include patch tokens.
+        pair_embeddings: a ``pairs`` stage's rows are the (image, caption) pairs, each with the backbone's joint
+            embedding ``z(I, T)`` (see ``CIRMethod.pair_embeddings``).
+        pseudo_targets: where a ``pseudo_triplets`` stage's generated targets come from (None: the source's
+            default, the Shapes renderer with its default noise).
+        hard_negatives: mined hard negatives per triplet that the stage's batches carry.
+        encode: a trainable image encoder (``CIRMethod.encode_images``): images are served as pixels it encodes at
+            every access instead of cached features. None while the image encoder is frozen.
+    """
+
+    kind: DataKind
+    backbone: Any
+    tokens: bool = False
+    pair_embeddings: bool = False
+    pseudo_targets: PseudoTargetOptions | None = None
+    hard_negatives: int = 0
+    encode: Callable[[torch.Tensor], ImageFeatures] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"unknown data kind {self.kind!r}; known: {', '.join(DATA_KINDS)}")
+        if self.kind == "pairs" and self.pair_embeddings and self.encode is not None:
+            raise ValueError("pair embeddings come from a frozen backbone; this stage trains the image encoder")
+
+    @property
+    def batch_shape(self) -> BatchShape:
+        """How the kind's batches are laid out (``DATA_KINDS``)."""
+        return DATA_KINDS[self.kind]
 
 
 @dataclass
@@ -157,6 +217,24 @@ class CIRMethod(nn.Module):
         ``fused`` = ``z(I, T)``, computed once through the feature cache (the backbone must be a ``PairEncoder``).
         """
         return False
+
+    def pseudo_targets(self, stage: str) -> PseudoTargetOptions | None:
+        """Where a ``pseudo_triplets`` stage's pseudo-targets come from (None: the training source's default)."""
+        return None
+
+    def data_request(self, stage: str) -> DataRequest:
+        """What ``stage`` reads (call after ``prepare_stage(stage)``, which decides whether the image encoder
+        trains): its data kind, token and pair-embedding needs, pseudo-targets and hard negatives, and, when the
+        image encoder is being fine-tuned, the encoder that turns served pixels into features."""
+        return DataRequest(
+            kind=self.stage(stage).data,
+            backbone=self.backbone,
+            tokens=self.needs_image_tokens,
+            pair_embeddings=self.pair_embeddings(stage),
+            pseudo_targets=self.pseudo_targets(stage),
+            hard_negatives=self.hard_negatives(stage),
+            encode=None if self.image_encoder_frozen else self.encode_images,
+        )
 
     def prepare_data(self, stage: str, images: Any) -> Any:
         """Called by the trainer with ``stage``'s image table (``FeatureTable`` or pixels) before the stage trains;

@@ -266,6 +266,6 @@ class FusionDiff(CIRMethod):
         if not isinstance(image, PairFeatures):
             raise ValueError(
                 "fusion-diff fused='pair': stage 'prior' reads pair embeddings (PairFeatures rows, from"
-                " cirlab.features.backbone.cached_pair_table), but this batch holds plain image features"
+                " cirlab.features.images.cached_pair_table), but this batch holds plain image features"
             )
         return F.normalize(image.fused.float(), dim=-1).to(text.device)

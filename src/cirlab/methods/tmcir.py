@@ -221,6 +221,10 @@ class TMCIR(CIRMethod):
         super().prepare_stage(stage)
         self.mark_backbone_finetuned(stage)
 
+    def pseudo_targets(self, stage: str) -> PseudoTargetOptions | None:
+        """The align stage's pseudo-targets as ``config.pseudo_targets`` says (generator settings or a folder)."""
+        return self.config.pseudo_targets if self.stage(stage).data == "pseudo_triplets" else None
+
     def training_loss(self, stage: str, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         self.stage(stage)
         target = F.normalize(batch["target"].embeds.to(self.logit_scale.device).float(), dim=-1)  # (B, d)

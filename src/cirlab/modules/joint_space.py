@@ -10,7 +10,7 @@
   final hidden state of the last token, L2-normalised (Qwen2-VL, Qwen2.5-VL). The ``mllm`` backbone serves this
   space's ``z(I)`` and ``z(T)`` as backbone features, so ``CLIPJointSpace`` over it is the multimodal-LLM space
   with the fused feature taken as the normalised sum; the pair prompt's ``z(I, T)`` comes from the backbone's
-  ``encode_pair`` (through the feature cache, see ``cirlab.features.backbone.cached_pair_table``).
+  ``encode_pair`` (through the feature cache, see ``cirlab.features.images.cached_pair_table``).
 """
 
 from __future__ import annotations

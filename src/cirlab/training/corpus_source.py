@@ -20,72 +20,25 @@ skipped and counted; the counts go into the stage's report.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cirlab.data.benchmark import CIRSplit, load_splits
 from cirlab.data.corpora import CaptionCorpus, ImageCorpus, TripletCorpus, open_image_corpus
 from cirlab.data.fashioniq import training_captions
-from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
-from cirlab.features.backbone import backbone_cache_key, cached_pair_table
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import CorpusFeatures, IndexEntry, encode_corpus, entry_pixels, gather_index
+from cirlab.features.images import FileImages, ImageEncoder, cached_pair_table, image_features
 from cirlab.features.table import FeatureTable
+from cirlab.methods.base import DataRequest
 from cirlab.training.data import PixelTable, Triplet
-from cirlab.training.sources import Encoder, SplitSource, StageData, SyntheticOptions, file_pixels
+from cirlab.training.run_config import BENCHMARKS, DataOptions, SyntheticOptions
+from cirlab.training.sources import Server, SplitSource, StageData, file_pixels
 
 logger = logging.getLogger(__name__)
-
-BENCHMARKS = ("cirr", "fashioniq")
-
-
-@dataclass
-class DataOptions:
-    """Where a run's training and validation data come from (the ``data`` section of a run config).
-
-    Attributes:
-        images: image corpus: a folder (recursive) or webdataset shards (``/data/cc3m/{00000..00331}.tar``).
-        manifest: CSV/TSV/JSONL/parquet listing an image folder's images and captions (default: sidecar ``.txt``).
-        captions: caption corpus for ``captions`` stages (default: the image corpus's captions).
-        triplets: triplet JSONL for ``synthetic_triplets`` stages (``cirlab mine-triplets`` writes one).
-        triplet_image_root: folder the triplet image paths are relative to (default: the JSONL's folder).
-        triplets_by_name: triplet images are names in the image corpus (e.g. webdataset keys), not paths.
-        benchmark: ``cirr`` or ``fashioniq``: supervised train triplets and validation splits.
-        annotations: the benchmark's annotation root (upstream layout).
-        benchmark_images: the benchmark's image root.
-        categories: FashionIQ categories whose train triplets are used (empty: all three).
-        val: validation split as ``<benchmark>/<split>`` or ``fashioniq/<split>/<category>``; ``fashioniq/<split>``
-            validates on the three categories, averaged (empty: no validation; each stage keeps its last step).
-        limit: read only the first N samples of each corpus (0: all); dry runs use a few.
-        num_workers: DataLoader workers reading corpora (and threads decoding images).
-        encode_batch_size: images per encoder call when filling the feature cache.
-        cache_dir: feature cache directory (default: ``CIRLAB_CACHE`` or ``~/.cache/cirlab``).
-    """
-
-    images: str = ""
-    manifest: str = ""
-    captions: str = ""
-    triplets: str = ""
-    triplet_image_root: str = ""
-    triplets_by_name: bool = False
-    benchmark: str = ""
-    annotations: str = ""
-    benchmark_images: str = ""
-    categories: list[str] = field(default_factory=list)
-    val: str = ""
-    limit: int = 0
-    num_workers: int = 2
-    encode_batch_size: int = 256
-    cache_dir: str = ""
-
-    def used(self) -> bool:
-        """Whether any data is named (otherwise a run trains on the Shapes world)."""
-        return bool(self.images or self.captions or self.triplets or self.benchmark)
 
 
 def _subset(table: FeatureTable, keep: list[int]) -> FeatureTable:
@@ -148,44 +101,36 @@ class CorpusSource(SplitSource):
         return self._splits[name]
 
     # -- training data -----------------------------------------------------------------------------------------------
-    def stage_data(
-        self,
-        kind: str,
-        backbone: Any,
-        with_tokens: bool = False,
-        synthetic: SyntheticOptions | None = None,
-        encode: Encoder | None = None,
-        pseudo: PseudoTargetOptions | None = None,
-        pair_embeddings: bool = False,
-    ) -> StageData:
-        """Inputs of one stage of kind ``images``, ``pairs``, ``captions``, ``triplets``, ``synthetic_triplets`` or
-        ``pseudo_triplets`` (arguments as in ``ShapesSource.stage_data``)."""
-        if kind == "pairs" and pair_embeddings:
-            if encode is not None:
-                raise ValueError("pair embeddings come from a frozen backbone; this stage trains the image encoder")
-            return self._pairs(backbone)
-        if kind in ("images", "pairs"):
-            return self._images(kind, backbone, with_tokens, encode)
-        if kind == "captions":
-            return self._captions()
-        if kind == "triplets":
-            if self.options.benchmark:
-                return self._benchmark_triplets(backbone, with_tokens, encode, None)
-            return self._jsonl_triplets(backbone, with_tokens, encode, SyntheticOptions(), pseudo=False)
-        if kind == "synthetic_triplets":
-            return self._jsonl_triplets(backbone, with_tokens, encode, synthetic or SyntheticOptions(), pseudo=False)
-        if kind == "pseudo_triplets":
-            options = pseudo or PseudoTargetOptions()
-            if self.options.benchmark and options.manifest:
-                return self._benchmark_triplets(backbone, with_tokens, encode, Path(options.manifest))
-            if self.options.triplets:
-                return self._jsonl_triplets(backbone, with_tokens, encode, SyntheticOptions(), pseudo=True)
-            raise ValueError(
-                "a pseudo_triplets stage needs pseudo-targets: set method.pseudo_targets.manifest to a folder written "
-                "by `cirlab generate-pseudo-targets` (with data.benchmark), or data.triplets to a JSONL whose records "
-                "have a pseudo_target"
-            )
-        raise ValueError(f"unknown data kind {kind!r}")
+    def servers(self) -> dict[str, Server]:
+        """Every data kind, from the corpora of ``data`` (see the module docstring)."""
+        return {
+            "images": self._images,
+            "pairs": self._pairs,
+            "captions": self._captions,
+            "triplets": self._triplets,
+            "synthetic_triplets": self._synthetic,
+            "pseudo_triplets": self._pseudo,
+        }
+
+    def _triplets(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        if self.options.benchmark:
+            return self._benchmark_triplets(request, None)
+        return self._jsonl_triplets(request, SyntheticOptions(), pseudo=False)
+
+    def _synthetic(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        return self._jsonl_triplets(request, synthetic, pseudo=False)
+
+    def _pseudo(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        options = request.pseudo_targets or PseudoTargetOptions()
+        if self.options.benchmark and options.manifest:
+            return self._benchmark_triplets(request, Path(options.manifest))
+        if self.options.triplets:
+            return self._jsonl_triplets(request, SyntheticOptions(), pseudo=True)
+        raise ValueError(
+            "a pseudo_triplets stage needs pseudo-targets: set method.pseudo_targets.manifest to a folder written "
+            "by `cirlab generate-pseudo-targets` (with data.benchmark), or data.triplets to a JSONL whose records "
+            "have a pseudo_target"
+        )
 
     # -- image corpora -------------------------------------------------------------------------------------------------
     def image_corpus(self) -> ImageCorpus:
@@ -218,20 +163,26 @@ class CorpusSource(SplitSource):
             )
         return self._encoded[key]
 
-    def _corpus_images(self, backbone: Any, with_tokens: bool, encode: Encoder | None):
+    def _corpus_images(self, request: DataRequest):
         """(image table, captions per row, skip counts) of the image corpus."""
-        if encode is None:
-            encoded = self.encoded_corpus(backbone, with_tokens)
+        if request.encode is None:
+            encoded = self.encoded_corpus(request.backbone, request.tokens)
             return encoded.table, encoded.captions, encoded.skipped
         entries, skipped = self._index()
-        pixels = entry_pixels(backbone, entries, self.options.num_workers)
-        return PixelTable([e.name for e in entries], pixels, encode), [e.captions for e in entries], skipped
+        pixels = entry_pixels(request.backbone, entries, self.options.num_workers)
+        return PixelTable([e.name for e in entries], pixels, request.encode), [e.captions for e in entries], skipped
 
-    def _images(self, kind: str, backbone: Any, with_tokens: bool, encode: Encoder | None) -> StageData:
-        table, captions, skipped = self._corpus_images(backbone, with_tokens, encode)
+    def _images(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        table, _, skipped = self._corpus_images(request)
+        info = {"images": len(table), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
+        return StageData(images=table, info=info)
+
+    def _pairs(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        """Corpus images that have captions or, with ``request.pair_embeddings``, every (image, caption) pair."""
+        if request.pair_embeddings:
+            return self._pair_rows(request.backbone)
+        table, captions, skipped = self._corpus_images(request)
         info: dict[str, Any] = {"images": len(table), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
-        if kind == "images":
-            return StageData(images=table, info=info)
         keep = [i for i, c in enumerate(captions) if c]
         if not keep:
             raise ValueError(f"{self.image_corpus().describe()}: a pairs stage needs captions, and no image has one")
@@ -245,7 +196,7 @@ class CorpusSource(SplitSource):
             info["images"] = len(keep)
         return StageData(images=table, captions=captions, info=info)
 
-    def _pairs(self, backbone: Any) -> StageData:
+    def _pair_rows(self, backbone: Any) -> StageData:
         """Every (image, caption) pair of the corpus with the backbone's joint embedding ``z(I, T)``, through the
         feature cache (``cached_pair_table``). The pair encoder reads image files, so shard corpora are refused."""
         entries, skipped = self._index()
@@ -269,7 +220,7 @@ class CorpusSource(SplitSource):
         }
         return StageData(images=table, captions=captions, info=info)
 
-    def _captions(self) -> StageData:
+    def _captions(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
         if self.options.captions:
             corpus = CaptionCorpus(self.options.captions, limit=self.options.limit)
             skipped = corpus.skips.as_dict()
@@ -284,54 +235,32 @@ class CorpusSource(SplitSource):
         return StageData(captions=captions, info=info)
 
     # -- triplets ------------------------------------------------------------------------------------------------------
-    def _file_table(
-        self, backbone: Any, paths: list[str], with_tokens: bool, encode: Encoder | None
-    ) -> tuple[FeatureTable | PixelTable, set[str]]:
+    def _file_table(self, request: DataRequest, paths: list[str]) -> tuple[FeatureTable | PixelTable, set[str]]:
         """Images named by their file paths: cached features (unreadable files left out) or pixels."""
-        if encode is not None:
+        if request.encode is not None:
             missing = {p for p in paths if not Path(p).is_file()}
             kept = [p for p in paths if p not in missing]
-            return PixelTable(kept, file_pixels(backbone, kept), encode), missing
-        arrays, failed = {}, set()
-        parts = ["embeds", "tokens"] if with_tokens else ["embeds"]
-        for part in parts:
-
-            def encode_files(batch: list[Path], part: str = part) -> dict[str, np.ndarray]:
-                with torch.no_grad():
-                    feats = backbone.encode_image(backbone.preprocess([load_image(p) for p in batch]))
-                out = feats.embeds.float() if part == "embeds" else feats.tokens.half()
-                return {part: out.cpu().numpy()}
-
-            result = self.cache.get_or_compute(
-                paths,
-                backbone_cache_key(backbone, part),
-                encode_files,
-                batch_size=self.options.encode_batch_size,
-                storage_dtype="float32" if part == "embeds" else "float16",
-                on_error="skip",
-            )
-            failed |= {str(p) for p in result.failed}
-            arrays[part] = result
-        kept = [p for p in paths if p not in failed]
-        tensors = {}
-        for part, result in arrays.items():
-            # Rows of the items that succeeded for every part, in request order.
-            by_item = {str(item): i for i, item in enumerate(result.items)}
-            rows = [by_item[p] for p in kept]
-            dtype = np.float32 if part == "embeds" else np.float16
-            tensors[part] = torch.from_numpy(np.array(result.take(part, rows, dtype=dtype)))
-        return FeatureTable(kept, tensors["embeds"], tensors.get("tokens")), failed
+            return PixelTable(kept, file_pixels(request.backbone, kept), request.encode), missing
+        feats = image_features(
+            ImageEncoder.of_backbone(request.backbone),
+            FileImages(paths),
+            self.cache,
+            tokens=request.tokens,
+            batch_size=self.options.encode_batch_size,
+            on_error="skip",
+        )
+        return feats.table(paths), {paths[i] for i in feats.failed}
 
     def _triplet_table(
-        self, triplets: list[Triplet], backbone: Any, with_tokens: bool, encode: Encoder | None, by_name: bool
+        self, triplets: list[Triplet], request: DataRequest, by_name: bool
     ) -> tuple[FeatureTable | PixelTable, list[Triplet], dict[str, int]]:
         """The images of ``triplets`` and the triplets whose images are all usable (the others counted)."""
         if by_name:
-            table, _, skipped = self._corpus_images(backbone, with_tokens, encode)
+            table, _, skipped = self._corpus_images(request)
             unusable: set[str] = set()
         else:
             names = list(dict.fromkeys(n for t in triplets for n in (t.reference, t.target)))
-            table, unusable = self._file_table(backbone, names, with_tokens, encode)
+            table, unusable = self._file_table(request, names)
             skipped = {"unreadable image": len(unusable)} if unusable else {}
         index = table.index
         kept = [t for t in triplets if t.reference in index and t.target in index]
@@ -342,9 +271,7 @@ class CorpusSource(SplitSource):
             raise ValueError("no triplet has both images available (check data.triplet_image_root / data.images)")
         return table, kept, skipped
 
-    def _jsonl_triplets(
-        self, backbone: Any, with_tokens: bool, encode: Encoder | None, options: SyntheticOptions, pseudo: bool
-    ) -> StageData:
+    def _jsonl_triplets(self, request: DataRequest, options: SyntheticOptions, pseudo: bool) -> StageData:
         if not self.options.triplets:
             raise ValueError("this stage reads triplets: set data.triplets to a triplet JSONL")
         if options.corrupt_fraction is not None:
@@ -366,9 +293,7 @@ class CorpusSource(SplitSource):
             if without:
                 logger.warning("%s: %d records without pseudo_target left out", corpus.path, without)
         triplets = [Triplet(r.reference, r.text, r.pseudo_target if pseudo else r.target) for r in records]
-        table, kept, skipped = self._triplet_table(
-            triplets, backbone, with_tokens, encode, by_name=self.options.triplets_by_name
-        )
+        table, kept, skipped = self._triplet_table(triplets, request, by_name=self.options.triplets_by_name)
         skipped = {**corpus.skips.as_dict(), **skipped}
         info = {"triplets": len(kept), "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
         return StageData(images=table, triplets=kept, info=info)
@@ -383,9 +308,7 @@ class CorpusSource(SplitSource):
             return [s for c in categories for s in load_splits("fashioniq", o.annotations, images, "train", category=c)]
         return load_splits(o.benchmark, o.annotations, images, "train")
 
-    def _benchmark_triplets(
-        self, backbone: Any, with_tokens: bool, encode: Encoder | None, pseudo_manifest: Path | None
-    ) -> StageData:
+    def _benchmark_triplets(self, request: DataRequest, pseudo_manifest: Path | None) -> StageData:
         """The benchmark's human-annotated train triplets (supervised stages only), optionally with pseudo-targets
         in place of the real targets."""
         splits = self._train_splits()
@@ -408,7 +331,7 @@ class CorpusSource(SplitSource):
                 info["pseudo_generator"] = records[0]["generator"] if records else None
         if self.options.limit:
             triplets = triplets[: self.options.limit]
-        table, kept, skipped = self._triplet_table(triplets, backbone, with_tokens, encode, by_name=False)
+        table, kept, skipped = self._triplet_table(triplets, request, by_name=False)
         info.update({"triplets": len(kept), "skipped": sum(skipped.values()), "skipped_by_reason": skipped})
         return StageData(images=table, triplets=kept, info=info)
 
@@ -421,3 +344,19 @@ def _rows_of(pixels: Any, keep: list[int]):
         return pixels(mapping[rows])
 
     return subset
+
+
+def corpus_inputs(run_cfg: Any) -> tuple[Any, CorpusSource, str | None]:
+    """The frozen backbone, the ``CorpusSource`` and the validation split (or None) of a corpus run.
+
+    Raises:
+        ValueError: the config names no backbone.
+    """
+    from cirlab.backbones import create_backbone
+    from cirlab.features.cache import FeatureCache, default_cache_dir
+
+    if not run_cfg.backbone:
+        raise ValueError("a corpus run needs a backbone: set `backbone:` in the preset, --backbone or --set backbone=")
+    backbone = create_backbone(run_cfg.backbone).freeze()
+    cache = FeatureCache(run_cfg.data.cache_dir or default_cache_dir())
+    return backbone, CorpusSource(run_cfg.data, cache), run_cfg.data.val or None

@@ -17,6 +17,7 @@ import torch
 
 from cirlab.distributed import World
 from cirlab.features.table import FeatureTable
+from cirlab.methods.base import DATA_KINDS
 from cirlab.types import ImageFeatures
 
 __all__ = ["FeatureTable", "PixelTable", "Triplet", "epoch_indices", "make_batch_fn", "mine_hard_negatives"]
@@ -99,7 +100,8 @@ def make_batch_fn(
     exactly the examples one process would.
 
     Args:
-        kind: ``images`` | ``pairs`` | ``captions`` | ``triplets`` | ``synthetic_triplets``.
+        kind: the stage's data kind; its batch shape (``DATA_KINDS``: ``images``, ``pairs``, ``captions`` or
+            ``triplets``) decides what a batch holds.
         batch_size: examples per micro-batch.
         seed: data-order seed.
         grad_accum: micro-batches per step (so consecutive micro-batches take consecutive slices).
@@ -109,44 +111,51 @@ def make_batch_fn(
         hard_negatives: optional ``target rows (B,) -> ImageFeatures (B, k)`` for mined negatives.
         world: this process's rank and the number of processes (default: one process).
     """
+    if kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
+    shape = DATA_KINDS[kind]
     share = world or World()
 
     def indices(n: int, step: int, micro: int) -> tuple[torch.Tensor, slice]:
         idx = epoch_indices(n, batch_size, step, micro, grad_accum, seed)  # (B,) the global micro-batch
         return idx, share.local_slice(len(idx))
 
-    def batch(step: int, micro: int) -> dict[str, Any]:
-        rng = _choice_rng(seed, step, micro)
-        if kind == "images":
-            idx, local = indices(len(images), step, micro)
-            return {"image": images.gather(idx[local]), "rows": idx[local]}
-        if kind == "pairs":
-            idx, local = indices(len(images), step, micro)
-            drawn = [rng.choice(captions[i]) for i in idx.tolist()]
-            return {"image": images.gather(idx[local]), "caption": drawn[local]}
-        if kind == "captions":
-            # The corpus may hold one caption per entry or several phrasings to draw from.
-            idx, local = indices(len(captions), step, micro)
-            picked = [captions[i] for i in idx.tolist()]
-            return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked][local]}
-        if kind in ("triplets", "synthetic_triplets", "pseudo_triplets"):
-            idx, local = indices(len(triplets), step, micro)
-            # Drawn for the whole global batch, so that the processes together see what one process would.
-            texts = [rng.choice(t.texts) if t.texts else t.text for t in (triplets[i] for i in idx.tolist())]
-            chosen = [triplets[i] for i in idx[local].tolist()]
-            target_rows = images.rows([t.target for t in chosen])
-            out = {
-                "ref": images.gather(images.rows([t.reference for t in chosen])),
-                "text": texts[local],
-                "target": images.gather(target_rows),
-                "target_rows": target_rows,
-            }
-            if hard_negatives is not None:
-                out["hard_negatives"] = hard_negatives(target_rows)
-            return out
-        raise ValueError(f"unknown data kind {kind!r}")
+    def images_batch(step: int, micro: int) -> dict[str, Any]:
+        idx, local = indices(len(images), step, micro)
+        return {"image": images.gather(idx[local]), "rows": idx[local]}
 
-    return batch
+    def pairs_batch(step: int, micro: int) -> dict[str, Any]:
+        rng = _choice_rng(seed, step, micro)
+        idx, local = indices(len(images), step, micro)
+        drawn = [rng.choice(captions[i]) for i in idx.tolist()]
+        return {"image": images.gather(idx[local]), "caption": drawn[local]}
+
+    def captions_batch(step: int, micro: int) -> dict[str, Any]:
+        # The corpus may hold one caption per entry or several phrasings to draw from.
+        rng = _choice_rng(seed, step, micro)
+        idx, local = indices(len(captions), step, micro)
+        picked = [captions[i] for i in idx.tolist()]
+        return {"caption": [c if isinstance(c, str) else rng.choice(c) for c in picked][local]}
+
+    def triplets_batch(step: int, micro: int) -> dict[str, Any]:
+        rng = _choice_rng(seed, step, micro)
+        idx, local = indices(len(triplets), step, micro)
+        # Drawn for the whole global batch, so that the processes together see what one process would.
+        texts = [rng.choice(t.texts) if t.texts else t.text for t in (triplets[i] for i in idx.tolist())]
+        chosen = [triplets[i] for i in idx[local].tolist()]
+        target_rows = images.rows([t.target for t in chosen])
+        out = {
+            "ref": images.gather(images.rows([t.reference for t in chosen])),
+            "text": texts[local],
+            "target": images.gather(target_rows),
+            "target_rows": target_rows,
+        }
+        if hard_negatives is not None:
+            out["hard_negatives"] = hard_negatives(target_rows)
+        return out
+
+    builders = {"images": images_batch, "pairs": pairs_batch, "captions": captions_batch, "triplets": triplets_batch}
+    return builders[shape]
 
 
 def mine_hard_negatives(embeds: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

@@ -47,7 +47,7 @@ from cirlab.generation.prompts import SHAPES_DESCRIBE, SHAPES_ONE_STAGE, SHAPES_
 from cirlab.generation.tiny import chat_tokenizer, clip_image_processor, vision_encoder_decoder
 from cirlab.training.data import epoch_indices
 from cirlab.training.loop import TrainConfig, train
-from cirlab.training.run import scale_train
+from cirlab.training.run_config import scale_train
 
 IGNORE = -100
 

@@ -1,88 +1,26 @@
-"""Training a method end to end: the run config (method settings + one loop config per stage), presets, and
-``fit``, which runs every stage through the one training loop with validation-based checkpoint selection.
+"""Training a method end to end: ``fit`` runs every stage through the one training loop, on the data the method
+requests from a training data source, with validation-based checkpoint selection. The run config it reads is
+declared in ``cirlab.training.run_config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-from dataclasses import field, make_dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cirlab.config import apply_overrides, load_config, to_dict
+from cirlab.config import to_dict
 from cirlab.data.benchmark import FASHIONIQ_CATEGORIES
 from cirlab.distributed import World, current_world
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.evaluation.protocols import combine_metrics
 from cirlab.io import atomic_write_json
-from cirlab.methods import METHODS
 from cirlab.methods.base import CIRMethod, load_weights
-from cirlab.training.corpus_source import DataOptions
 from cirlab.training.data import make_batch_fn, mine_hard_negatives
 from cirlab.training.loop import TrainConfig, train
-from cirlab.training.sources import SyntheticOptions
-
-RESERVED = {"seed", "backbone", "method", "synthetic", "data"}
-
-
-def run_config_class(method: str | type[CIRMethod]) -> type:
-    """The run-config dataclass of a method: ``seed``, ``backbone`` (spec; empty: the dataset's own, e.g. the
-    Shapes CLIP), ``method`` (its config), ``synthetic`` (which synthetic triplets a ``synthetic_triplets`` stage
-    reads), ``data`` (training corpora; empty: the Shapes world) and one ``TrainConfig`` field per stage.
-    """
-    cls = METHODS.get(method) if isinstance(method, str) else method
-    fields: list[tuple[str, Any, Any]] = [
-        ("seed", int, field(default=0)),
-        ("backbone", str, field(default="")),
-        ("method", cls.config_class, field(default_factory=cls.config_class)),
-        ("synthetic", SyntheticOptions, field(default_factory=SyntheticOptions)),
-        ("data", DataOptions, field(default_factory=DataOptions)),
-    ]
-    for stage in cls.stages:
-        if stage.name in RESERVED:
-            raise ValueError(f"{cls.name}: stage name {stage.name!r} is reserved")
-        fields.append((stage.name, TrainConfig, field(default_factory=TrainConfig)))
-    return make_dataclass(f"{cls.__name__}RunConfig", fields)
-
-
-def preset_path(method: str, preset: str) -> Path | None:
-    """The packaged preset file ``configs/<preset>/<method>.yaml``, or None when it does not exist."""
-    path = resources.files("cirlab") / "configs" / preset / f"{method}.yaml"
-    return Path(str(path)) if path.is_file() else None
-
-
-def load_run_config(method: str, preset: str | None = "shapes", overrides: tuple[str, ...] | list[str] = ()) -> Any:
-    """Run config of ``method`` from a packaged preset name or a YAML/JSON path, then ``key=value`` overrides."""
-    cls = run_config_class(method)
-    cfg = cls()
-    if preset:
-        path = Path(preset) if Path(preset).suffix in (".yaml", ".yml", ".json") else preset_path(method, preset)
-        if path is not None:
-            cfg = load_config(cls, path)
-        elif not (resources.files("cirlab") / "configs" / preset).is_dir():
-            raise FileNotFoundError(f"no preset {preset!r} (packaged presets live in cirlab/configs/<preset>/)")
-    return apply_overrides(cfg, list(overrides))
-
-
-def scale_train(cfg: TrainConfig, factor: float) -> TrainConfig:
-    """A loop config with its steps and evaluation interval scaled by ``factor`` (each at least 1)."""
-    eval_every = max(1, math.ceil(cfg.eval_every * factor)) if cfg.eval_every else 0
-    return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.steps * factor)), eval_every=eval_every)
-
-
-def scale_steps(run_cfg: Any, factor: float) -> Any:
-    """A run config with every stage's loop config scaled by ``factor`` (``cirlab demo --quick``)."""
-    changes = {
-        f.name: scale_train(getattr(run_cfg, f.name), factor)
-        for f in dataclasses.fields(run_cfg)
-        if isinstance(getattr(run_cfg, f.name), TrainConfig)
-    }
-    return dataclasses.replace(run_cfg, **changes)
 
 
 def hard_negative_fn(images: Any, k: int) -> Any:
@@ -156,17 +94,18 @@ def fit(
             continue
         cfg: TrainConfig = dataclasses.replace(getattr(run_cfg, stage.name), progress=progress)
         method.prepare_stage(stage.name)
-        data = source.stage_data_for(method, stage.name, run_cfg.synthetic)
+        request = method.data_request(stage.name)
+        data = source.stage_data(request, run_cfg.synthetic)
         images = method.prepare_data(stage.name, data.images)
         batch_fn = make_batch_fn(
-            stage.data,
+            request.kind,
             cfg.batch_size,
             cfg.seed,
             cfg.grad_accum,
             images=images,
             captions=data.captions,
             triplets=data.triplets,
-            hard_negatives=hard_negative_fn(images, method.hard_negatives(stage.name)),
+            hard_negatives=hard_negative_fn(images, request.hard_negatives),
             world=world,
         )
 

@@ -6,6 +6,10 @@ own template family, never the benchmark's), and only supervised stages read the
 (``triplets``, and ``pseudo_triplets``: the train triplets with generated pseudo-targets in place of the real
 targets). Checkpoints are selected on validation splits; test splits are only ever evaluated.
 
+A stage's method states what the stage reads in a ``DataRequest`` (``CIRMethod.data_request``: kind, patch tokens,
+pair embeddings, pseudo-targets, hard negatives, a trainable image encoder); ``SplitSource.stage_data`` hands it to
+the server the source names for that kind (``servers``), so a source never looks inside a method.
+
 Images reach a method as cached backbone features while its image encoder is frozen. A method that fine-tunes its
 image encoder gets a ``PixelTable`` instead (files decoded and preprocessed per batch, encoded by the method's own
 ``encode_images``), and its validation and test features are encoded afresh by it (``features_for``).
@@ -29,13 +33,20 @@ from cirlab.data.cirr import load_cirr
 from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, shapes_pseudo_targets
 from cirlab.data.shapes import ShapesWorld, read_triplets
-from cirlab.features.backbone import cached_array_features, cached_image_features, cached_pair_table
 from cirlab.features.cache import FeatureCache
+from cirlab.features.images import (
+    ArrayImages,
+    FileImages,
+    ImageEncoder,
+    cached_pair_table,
+    image_features,
+    split_features,
+    split_image_names,
+)
 from cirlab.features.table import FeatureTable, PairTable
+from cirlab.methods.base import DataRequest
 from cirlab.training.data import PixelTable, Triplet
-from cirlab.types import ImageFeatures
-
-Encoder = Callable[[torch.Tensor], ImageFeatures]
+from cirlab.training.run_config import SyntheticOptions
 
 SHAPES_SPLITS = ("cirr/val", "cirr/test1", "circo/val", "circo/test")
 
@@ -50,20 +61,16 @@ class StageData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class SyntheticOptions:
-    """Attributes: corrupt_fraction: which synthetic file (None: the world's default); fraction: share used."""
-
-    corrupt_fraction: float | None = None
-    fraction: float = 1.0
+Server = Callable[[DataRequest, SyntheticOptions], StageData]
 
 
 class SplitSource(ABC):
-    """Evaluation splits, their features and a method's stage data: the part every training data source shares.
+    """Evaluation splits, their features and the stage data a method requests: the part every training data source
+    shares.
 
-    A subclass loads its splits in ``split``, serves each data kind in ``stage_data`` and sets ``cache`` (the
-    feature cache) and ``_features`` (an empty dict) in its constructor; features are then computed once per (split,
-    backbone, token need).
+    A subclass loads its splits in ``split``, names the data kinds it serves in ``servers`` (each with the function
+    that serves a request of that kind) and sets ``cache`` (the feature cache) and ``_features`` (an empty dict) in
+    its constructor; split features are then computed once per (split, backbone, token need).
     """
 
     cache: FeatureCache
@@ -73,43 +80,32 @@ class SplitSource(ABC):
     def split(self, name: str) -> CIRSplit:
         """The evaluation split called ``name`` (each source names its own)."""
 
-    def stage_data_for(self, method: Any, stage: str, synthetic: SyntheticOptions | None = None) -> StageData:
-        """Inputs of ``method``'s ``stage`` (call after ``method.prepare_stage(stage)``): cached features while its
-        image encoder is frozen, else pixels encoded by its own ``encode_images`` at every access."""
-        kind = method.stage(stage).data
-        encode = None if method.image_encoder_frozen else method.encode_images
-        pseudo = getattr(method.config, "pseudo_targets", None)
-        return self.stage_data(
-            kind,
-            method.backbone,
-            method.needs_image_tokens,
-            synthetic,
-            encode=encode,
-            pseudo=pseudo,
-            pair_embeddings=method.pair_embeddings(stage),
-        )
-
     @abstractmethod
-    def stage_data(
-        self,
-        kind: str,
-        backbone: Any,
-        with_tokens: bool = False,
-        synthetic: SyntheticOptions | None = None,
-        encode: Encoder | None = None,
-        pseudo: PseudoTargetOptions | None = None,
-        pair_embeddings: bool = False,
-    ) -> StageData:
-        """Inputs of one stage of a data kind (see ``ShapesSource.stage_data`` for the arguments)."""
+    def servers(self) -> dict[str, Server]:
+        """Data kind -> the function serving a request of it, for every kind this source offers."""
+
+    def stage_data(self, request: DataRequest, synthetic: SyntheticOptions | None = None) -> StageData:
+        """Inputs of one stage as ``request`` (``CIRMethod.data_request``) asks for them: cached features while the
+        image encoder is frozen, else pixels encoded by ``request.encode`` at every access.
+
+        Args:
+            request: the stage's data request.
+            synthetic: which synthetic triplets a ``synthetic_triplets`` stage reads (the run config's
+                ``synthetic`` section; default: all of the source's own).
+
+        Raises:
+            ValueError: this source does not serve the request's kind (naming the kinds it serves).
+        """
+        servers = self.servers()
+        if request.kind not in servers:
+            raise ValueError(f"{type(self).__name__} serves no {request.kind!r} data; it serves {', '.join(servers)}")
+        return servers[request.kind](request, synthetic or SyntheticOptions())
 
     def features(self, name: str, backbone: Any, with_tokens: bool = False) -> FeatureTable:
         """Backbone features of every image of a split (cached on disk and in memory)."""
         key = (name, backbone.identity(), with_tokens)
         if key not in self._features:
-            split = self.split(name)
-            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
-            paths = [split.image_path(n) for n in names]
-            self._features[key] = cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
+            self._features[key] = split_features(backbone, self.split(name), self.cache, tokens=with_tokens)
         return self._features[key]
 
     def features_for(self, method: Any, name: str) -> FeatureTable:
@@ -117,8 +113,6 @@ class SplitSource(ABC):
         frozen, else fresh encodings by its own (fine-tuned) image encoder, in eval mode."""
         if method.image_encoder_frozen:
             return self.features(name, method.backbone, method.needs_image_tokens)
-        from cirlab.evaluation.evaluate import split_features
-
         was_training = method.training
         method.eval()
         try:
@@ -186,69 +180,63 @@ class ShapesSource(SplitSource):
         rng = random.Random(f"corpus-captions/{seed}")
         return [[corpus.caption(i, rng) for _ in range(self.captions_per_image)] for i in range(len(corpus))]
 
-    def stage_data(
-        self,
-        kind: str,
-        backbone: Any,
-        with_tokens: bool = False,
-        synthetic: SyntheticOptions | None = None,
-        encode: Encoder | None = None,
-        pseudo: PseudoTargetOptions | None = None,
-        pair_embeddings: bool = False,
-    ) -> StageData:
-        """Inputs of one stage of kind ``images``, ``pairs``, ``captions``, ``triplets``, ``synthetic_triplets`` or
-        ``pseudo_triplets``.
+    def servers(self) -> dict[str, Server]:
+        """``images``, ``pairs`` and ``captions`` from the image-caption corpus; ``triplets`` (CIRR-format train
+        triplets), ``pseudo_triplets`` (the same with generated pseudo-targets) and ``synthetic_triplets`` (the
+        world's own synthetic generator)."""
+        return {
+            "images": self._images,
+            "pairs": self._pairs,
+            "captions": self._captions,
+            "triplets": self._triplets,
+            "pseudo_triplets": self._pseudo,
+            "synthetic_triplets": self._synthetic,
+        }
 
-        Args:
-            kind: the stage's data kind.
-            backbone: whose cached features (or, with ``encode``, whose preprocessing) serve the images.
-            with_tokens: include patch tokens in cached features.
-            synthetic: which synthetic triplets ``synthetic_triplets`` reads.
-            encode: a trainable image encoder: images become a ``PixelTable`` it encodes at every access.
-            pseudo: where ``pseudo_triplets`` gets its pseudo-targets (default: rendered with the default noise).
-            pair_embeddings: ``pairs`` rows are the (image, caption) pairs, with the backbone's joint embedding of
-                each (``PairTable``; see ``CIRMethod.pair_embeddings``).
-        """
-        if kind == "pairs" and pair_embeddings:
-            if encode is not None:
-                raise ValueError("pair embeddings come from a frozen backbone; this stage trains the image encoder")
-            table, captions = cached_pair_table(backbone, self.corpus().images, self.corpus_captions(), self.cache)
+    def _corpus_table(self, request: DataRequest) -> FeatureTable | PixelTable:
+        """The corpus images: cached features, or (with ``request.encode``) pixels encoded at every access."""
+        corpus = self.corpus()
+        names = [str(i) for i in range(len(corpus))]
+        if request.encode is not None:
+            return PixelTable(names, _array_pixels(request.backbone, corpus.images), request.encode)
+        encoder = ImageEncoder.of_backbone(request.backbone)
+        return image_features(encoder, ArrayImages(corpus.images), self.cache, tokens=request.tokens).table(names)
+
+    def _images(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        return StageData(images=self._corpus_table(request))
+
+    def _pairs(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        """Corpus images with their phrasings or, with ``request.pair_embeddings``, every (image, caption) pair as
+        a row with the backbone's joint embedding (``PairTable``; see ``CIRMethod.pair_embeddings``)."""
+        if request.pair_embeddings:
+            table, captions = cached_pair_table(
+                request.backbone, self.corpus().images, self.corpus_captions(), self.cache
+            )
             return StageData(images=table, captions=captions, info={"pairs": len(table)})
-        if kind in ("images", "pairs"):
-            corpus = self.corpus()
-            if encode is None:
-                table = cached_array_features(backbone, corpus.images, self.cache, with_tokens=with_tokens)
-            else:
-                names = [str(i) for i in range(len(corpus))]
-                table = PixelTable(names, _array_pixels(backbone, corpus.images), encode)
-            return StageData(images=table, captions=self.corpus_captions() if kind == "pairs" else None)
-        if kind == "captions":
-            return StageData(captions=self.corpus_captions())
-        if kind == "triplets":
-            split = self.split("cirr/train")
-            triplets = [Triplet(q.reference, q.text, q.targets[0]) for q in split.queries]
-            names = list(dict.fromkeys([*split.gallery, *(q.reference for q in split.queries)]))
-            table = self._image_table(backbone, names, [split.image_path(n) for n in names], with_tokens, encode)
-            return StageData(images=table, triplets=triplets, info={"triplets": len(triplets)})
-        if kind == "pseudo_triplets":
-            return self._pseudo(backbone, with_tokens, encode, pseudo or PseudoTargetOptions())
-        if kind == "synthetic_triplets":
-            return self._synthetic(backbone, with_tokens, synthetic or SyntheticOptions(), encode)
-        raise ValueError(f"unknown data kind {kind!r}")
+        return StageData(images=self._corpus_table(request), captions=self.corpus_captions())
 
-    def _image_table(
-        self, backbone: Any, names: list[str], paths: list[Path], with_tokens: bool, encode: Encoder | None
-    ) -> FeatureTable | PixelTable:
-        """Cached features of image files, or (with ``encode``) the files themselves, encoded at every access."""
-        if encode is None:
-            return cached_image_features(backbone, names, paths, self.cache, with_tokens=with_tokens)
-        return PixelTable(names, file_pixels(backbone, paths), encode)
+    def _captions(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        return StageData(captions=self.corpus_captions())
 
-    def _pseudo(
-        self, backbone: Any, with_tokens: bool, encode: Encoder | None, options: PseudoTargetOptions
-    ) -> StageData:
-        """The CIRR-format train triplets with their pseudo-targets (generated once beside the world, then reused)."""
-        records = shapes_pseudo_targets(self.world, options)
+    def _triplets(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        split = self.split("cirr/train")
+        triplets = [Triplet(q.reference, q.text, q.targets[0]) for q in split.queries]
+        names = split_image_names(split)
+        table = self._image_table(request, names, [split.image_path(n) for n in names])
+        return StageData(images=table, triplets=triplets, info={"triplets": len(triplets)})
+
+    def _image_table(self, request: DataRequest, names: list[str], paths: list[Path]) -> FeatureTable | PixelTable:
+        """Cached features of image files, or (with ``request.encode``) the files themselves, encoded at every
+        access."""
+        if request.encode is not None:
+            return PixelTable(names, file_pixels(request.backbone, paths), request.encode)
+        encoder = ImageEncoder.of_backbone(request.backbone)
+        return image_features(encoder, FileImages(paths), self.cache, tokens=request.tokens).table(names)
+
+    def _pseudo(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        """The CIRR-format train triplets with their pseudo-targets (generated once beside the world, then reused;
+        default: rendered with the default noise)."""
+        records = shapes_pseudo_targets(self.world, request.pseudo_targets or PseudoTargetOptions())
         split = self.split("cirr/train")
         triplets = [Triplet(r["source"]["reference"], r["source"]["text"], r["path"]) for r in records]
         references = list(dict.fromkeys(t.reference for t in triplets))
@@ -260,22 +248,18 @@ class ShapesSource(SplitSource):
             "pseudo_generator": records[0]["generator"] if records else None,
             "pseudo_noisy": sum(r.get("noise") is not None for r in records),
         }
-        return StageData(
-            images=self._image_table(backbone, names, paths, with_tokens, encode), triplets=triplets, info=info
-        )
+        return StageData(images=self._image_table(request, names, paths), triplets=triplets, info=info)
 
-    def _synthetic(
-        self, backbone: Any, with_tokens: bool, options: SyntheticOptions, encode: Encoder | None = None
-    ) -> StageData:
-        records = read_triplets(self.world.synthetic_triplets(options.corrupt_fraction))
-        if not 0 < options.fraction <= 1:
-            raise ValueError(f"synthetic fraction must be in (0, 1], got {options.fraction}")
-        keep = max(1, round(options.fraction * len(records)))
+    def _synthetic(self, request: DataRequest, synthetic: SyntheticOptions) -> StageData:
+        records = read_triplets(self.world.synthetic_triplets(synthetic.corrupt_fraction))
+        if not 0 < synthetic.fraction <= 1:
+            raise ValueError(f"synthetic fraction must be in (0, 1], got {synthetic.fraction}")
+        keep = max(1, round(synthetic.fraction * len(records)))
         # A fixed prefix: the records are already in random order, and smaller sets are subsets of larger ones.
         records = records[:keep]
         triplets = [Triplet(r["reference"], r["text"], r["target"]) for r in records]
         names = list(dict.fromkeys(n for t in triplets for n in (t.reference, t.target)))
-        table = self._image_table(backbone, names, [Path(n) for n in names], with_tokens, encode)
+        table = self._image_table(request, names, [Path(n) for n in names])
         corrupted = int(np.sum([bool(r.get("corrupted")) for r in records]))
         return StageData(images=table, triplets=triplets, info={"triplets": keep, "corrupted": corrupted})
 
