@@ -134,12 +134,6 @@ class RankingGallery:
     def dtype(self) -> Any:
         return self.embeddings.dtype
 
-    def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    def __getitem__(self, rows: Any) -> Any:
-        return self.embeddings[rows]
-
     def bf16(self) -> tuple[torch.Tensor, float, float]:
         """The (N, d) bfloat16 copy (round to nearest even), an upper bound on the largest row norm and one on the
         largest row rounding error ``|g~ - g|`` (both measured in float64 while converting)."""
