@@ -4,7 +4,7 @@ For each gallery size (``--sizes``, default 100k and 1M) a seeded gallery of L2-
 around ``--clusters`` centres (image embeddings are clustered, and clustered data is where approximate search
 loses recall); queries are fresh draws from the same distribution. It times the calls ``GalleryIndex`` makes:
 
-* exact: ``cirlab.evaluation.search.topk_inner_product`` (faiss exhaustive search, BLAS for batches);
+* exact: ``cirlab.evaluation.ranking.topk_inner_product`` (faiss exhaustive search, BLAS for batches);
 * baseline: a bare ``faiss.IndexFlatIP.search`` over the same array, measured in the same run;
 * approximate: ``cirlab.index.ann.build_ann`` (HNSW and IVF, search knob tuned at build time to recall@50 >= 0.95
   on sample queries) then ``ann_search``; recall@50 is measured again here on the benchmark's own queries.
@@ -25,7 +25,7 @@ import time
 import faiss
 import numpy as np
 
-from cirlab.evaluation.search import topk_inner_product
+from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.index.ann import AnnConfig, ann_search, build_ann, recall_at_k
 
 K = 50

@@ -315,8 +315,9 @@ def test_check_submission_refuses_duplicate_keys(tmp_path, capsys):
     from cirlab.evaluation.submission import write_cirr_submission
 
     split = load_cirr(FIXTURES / "cirr", None, "val")
-    scores = np.random.default_rng(0).random((len(split.queries), len(split.gallery)))
-    path = write_cirr_submission(split, scores, tmp_path)["recall"]
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.random((len(split.queries), 4)), rng.random((len(split.gallery), 4))
+    path = write_cirr_submission(split, queries, gallery, tmp_path)["recall"]
     first = str(split.queries[0].qid)
     ranking = json.loads(path.read_text())[first]
     path.write_text(path.read_text().replace("{", "{" + json.dumps(first) + ": " + json.dumps(ranking[::-1]) + ", ", 1))

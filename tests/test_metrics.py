@@ -11,13 +11,28 @@ from hypothesis import strategies as st
 
 from cirlab.data.benchmark import CIRQuery, CIRSplit, Protocol
 from cirlab.evaluation import metrics as M
-from cirlab.evaluation.protocols import (
-    combine_metrics,
-    evaluate_rankings,
-    evaluate_scores,
-    ranked_gallery_indices,
-    topk_indices,
-)
+from cirlab.evaluation.protocols import SplitRanking, combine_metrics, evaluate_ranking, rank_split, ranking_metrics
+from cirlab.evaluation.ranking import topk_inner_product
+
+
+def _embed(scores) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and a gallery whose inner products are exactly ``scores``: the rows, against the identity."""
+    return np.asarray(scores, dtype=np.float32), np.eye(np.asarray(scores).shape[1], dtype=np.float32)
+
+
+def topk_indices(scores, k: int) -> np.ndarray:
+    """The ranking path's top-k of a hand-made score matrix."""
+    return topk_inner_product(*_embed(scores), k).indices
+
+
+def rank_scores(split: CIRSplit, scores, k: int | None = None):
+    return rank_split(split, *_embed(scores), k)
+
+
+def evaluate_scores(split: CIRSplit, scores) -> dict[str, float]:
+    """The evaluator's ranking and metrics on hand-made scores."""
+    return evaluate_ranking(split, rank_scores(split, scores))
+
 
 # --- Recall@K ------------------------------------------------------------------------------------------------------
 
@@ -239,13 +254,13 @@ def test_topk_accepts_torch_tensors():
     torch = pytest.importorskip("torch")
     scores = torch.randint(0, 3, (20, 30)).to(torch.bfloat16)
     expected = _reference_order(scores.float().numpy())[:, :7]
-    assert np.array_equal(topk_indices(scores, 7), expected)
+    assert np.array_equal(topk_inner_product(scores, torch.eye(30), 7).indices, expected)
 
 
-def test_nan_scores_are_rejected():
+def test_nan_queries_are_rejected():
     scores = np.zeros((3, 4), dtype=np.float32)
     scores[2, 1] = np.nan
-    with pytest.raises(ValueError, match="row 2 contain NaN"):
+    with pytest.raises(ValueError, match="query row 2 contains NaN"):
         topk_indices(scores, 2)
 
 
@@ -291,7 +306,7 @@ def test_cirr_reference_is_removed_before_recall():
     assert out["recall_at_1"] == 100.0
     assert out["recall_subset_at_1"] == 100.0
     assert out["avg"] == 100.0
-    assert q.reference not in [split.gallery[i] for i in ranked_gallery_indices(split, scores, 50)[0]]
+    assert q.reference not in [split.gallery[i] for i in rank_scores(split, scores, 50).top[0]]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -303,21 +318,13 @@ def test_cirr_scores_match_the_brute_force_protocol(seed):
     out = evaluate_scores(split, scores)
     for key, value in expected.items():
         assert out[key] == pytest.approx(value), key
-    full = _reference_order(scores)
-    assert evaluate_rankings(split, full) == pytest.approx(out)
-    names = [[split.gallery[i] for i in row] for row in full]
-    assert evaluate_rankings(split, names) == pytest.approx(out)
-
-
-def test_cirr_rankings_need_room_for_the_removed_reference():
-    split = _cirr_split(n_gallery=80, n_queries=3)
-    scores = np.random.default_rng(0).random((3, 80)).astype(np.float32)
-    top51 = topk_indices(scores, 51)
-    with pytest.warns(UserWarning, match="Recall_subset is not computed"):
-        out = evaluate_rankings(split, top51)
-    assert out["recall_at_50"] == evaluate_scores(split, scores)["recall_at_50"]
-    with pytest.raises(ValueError, match="need 50 plus one for the removed reference"):
-        evaluate_rankings(split, topk_indices(scores, 50)[:, :49])
+    # The scorer's path: the same metrics from the rankings spelt as names (reference removed, as in a file).
+    names = [
+        [split.gallery[i] for i in row if split.gallery[i] != q.reference]
+        for row, q in zip(_reference_order(scores), split.queries, strict=True)
+    ]
+    subsets = [[n for n in row if n in q.subset] for row, q in zip(names, split.queries, strict=True)]
+    assert ranking_metrics(split, names, subsets, item=str) == pytest.approx(out)
 
 
 def _circo_split(remove_reference: bool = False) -> CIRSplit:
@@ -388,8 +395,51 @@ def test_fashioniq_protocol_and_combination():
 
 def test_score_shape_and_ground_truth_are_checked():
     split = _cirr_split(n_queries=2)
-    with pytest.raises(ValueError, match="expected \\(queries, gallery\\) = \\(2, 12\\)"):
+    with pytest.raises(ValueError, match="2 queries and 11 gallery rows, expected \\(2, 12\\)"):
         evaluate_scores(split, np.zeros((2, 11), dtype=np.float32))
     no_gt = CIRSplit("cirr", "test1", None, split.queries, split.gallery, Protocol("cirr", True, False, (1,)))
     with pytest.raises(ValueError, match="no public ground truth"):
         evaluate_scores(no_gt, np.zeros((2, 12), dtype=np.float32))
+
+
+# --- the ranking path against brute force, on embeddings -------------------------------------------------------------
+
+
+def _tied_embeddings(rng: np.random.Generator, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small-integer embeddings: every inner product is exact in float32 and bfloat16, and ties abound."""
+    return (
+        rng.integers(-2, 3, size=(n_queries, 6)).astype(np.float32),
+        rng.integers(-2, 3, size=(n_gallery, 6)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("seed", range(3))
+def test_rank_split_matches_brute_force_cirr(precision, seed):
+    split = _cirr_split(n_gallery=70, seed=seed)
+    queries, gallery = _tied_embeddings(np.random.default_rng(seed), len(split.queries), 70)
+    scores = queries @ gallery.T  # (Q, N), exact
+    ranking = rank_split(split, queries, gallery, precision=precision)
+    for row, q, full in zip(ranking.top, split.queries, _reference_order(scores), strict=True):
+        expected = [i for i in full if split.gallery[i] != q.reference][:50]
+        assert row.tolist() == expected
+    for members, q, full in zip(ranking.subsets, split.queries, _reference_order(scores), strict=True):
+        assert [split.gallery[i] for i in members] == [
+            split.gallery[i] for i in full if split.gallery[i] in q.subset and split.gallery[i] != q.reference
+        ]
+    out = evaluate_ranking(split, ranking)
+    for key, value in _brute_force_cirr(split, scores).items():
+        assert out[key] == pytest.approx(value), key
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("remove_reference", [False, True])
+def test_rank_split_matches_brute_force_circo(precision, remove_reference):
+    split = _circo_split(remove_reference)
+    queries, gallery = _tied_embeddings(np.random.default_rng(7), 3, 60)
+    scores = queries @ gallery.T
+    top = rank_split(split, queries, gallery, precision=precision).top
+    for row, q, full in zip(top, split.queries, _reference_order(scores), strict=True):
+        expected = [i for i in full if not (remove_reference and split.gallery[i] == q.reference)][:50]
+        assert row.tolist() == expected
+    assert evaluate_ranking(split, SplitRanking(top)) == pytest.approx(evaluate_scores(split, scores))

@@ -13,7 +13,7 @@ from cirlab.data.circo import load_circo
 from cirlab.data.cirr import load_cirr
 from cirlab.evaluation import metrics as M
 from cirlab.evaluation import submission as S
-from cirlab.evaluation.protocols import evaluate_scores
+from cirlab.evaluation.protocols import SplitRanking, evaluate_ranking, rank_split
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,6 +44,16 @@ def _tied_scores(n_queries: int, n_gallery: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 4, size=(n_queries, n_gallery)).astype(np.float32)
 
 
+def _embed(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and a gallery whose inner products are exactly ``scores``: the rows, against the identity."""
+    return scores.astype(np.float32), np.eye(scores.shape[1], dtype=np.float32)
+
+
+def evaluate_scores(split, scores: np.ndarray) -> dict[str, float]:
+    """The evaluator's ranking and metrics on hand-made scores."""
+    return evaluate_ranking(split, rank_split(split, *_embed(scores)))
+
+
 def _corrupt(src: Path, dst: Path, edit) -> Path:
     data = json.loads(src.read_text())
     edit(data)
@@ -57,14 +67,15 @@ def _corrupt(src: Path, dst: Path, edit) -> Path:
 def test_cirr_val_round_trip_score_equals_the_metric_functions(tmp_path, capsys):
     split = load_cirr(FIXTURES / "cirr", None, "val")
     scores = _tied_scores(len(split.queries), len(split.gallery))
-    paths = S.write_cirr_submission(split, scores, tmp_path)
+    paths = S.write_cirr_submission(split, *_embed(scores), tmp_path)
     assert sorted(p.name for p in paths.values()) == ["val_pred_ranks_recall.json", "val_pred_ranks_recall_subset.json"]
     for path in paths.values():
         assert _check(path, "cirr", "val", FIXTURES / "cirr", capsys)[0] == 0
 
     scored = _score_json(list(paths.values()), "cirr", FIXTURES / "cirr", capsys)
     expected = evaluate_scores(split, scores)
-    assert set(scored) == {f"recall_at_{k}" for k in (1, 5, 10, 50)} | {f"recall_subset_at_{k}" for k in (1, 2, 3)}
+    recalls = {f"recall_at_{k}" for k in (1, 5, 10, 50)} | {f"recall_subset_at_{k}" for k in (1, 2, 3)}
+    assert set(scored) == recalls | {"avg"}  # both files: CIRR's average too, as the evaluator reports it
     for key, value in scored.items():
         assert value == pytest.approx(expected[key]), key
 
@@ -79,7 +90,7 @@ def test_cirr_val_round_trip_score_equals_the_metric_functions(tmp_path, capsys)
 
 def test_cirr_written_files_follow_the_server_format(tmp_path):
     split = load_cirr(FIXTURES / "cirr", None, "test1")
-    paths = S.write_cirr_submission(split, _tied_scores(2, 8, seed=1), tmp_path)
+    paths = S.write_cirr_submission(split, *_embed(_tied_scores(2, 8, seed=1)), tmp_path)
     recall = json.loads(paths["recall"].read_text())
     subset = json.loads(paths["recall_subset"].read_text())
     assert list(recall)[:2] == ["version", "metric"] and recall["version"] == "rc2" and recall["metric"] == "recall"
@@ -94,7 +105,7 @@ def test_cirr_written_files_follow_the_server_format(tmp_path):
 def test_circo_val_round_trip(tmp_path, capsys):
     split = load_circo(FIXTURES / "circo", None, "val")
     scores = _tied_scores(len(split.queries), len(split.gallery), seed=2)
-    path = S.write_circo_submission(split, scores, tmp_path / "circo_val.json")
+    path = S.write_circo_submission(split, *_embed(scores), tmp_path / "circo_val.json")
     written = json.loads(path.read_text())
     assert list(written) == ["0", "1", "2"]
     assert all(len(v) == 50 and len(set(v)) == 50 and all(type(i) is int for i in v) for v in written.values())
@@ -111,22 +122,22 @@ def test_circo_val_round_trip(tmp_path, capsys):
 
 def test_circo_test_submission_from_the_writer_is_valid(tmp_path):
     split = load_circo(FIXTURES / "circo", None, "test")
-    path = S.write_circo_submission(split, _tied_scores(2, 60, seed=3), tmp_path / "sub.json")
+    path = S.write_circo_submission(split, *_embed(_tied_scores(2, 60, seed=3)), tmp_path / "sub.json")
     assert S.check_submission(path, "circo", "test", FIXTURES / "circo") == []
 
 
 def test_writer_validates_before_writing(tmp_path, monkeypatch):
     split = load_circo(FIXTURES / "circo", None, "test")
-    monkeypatch.setattr(S, "ranked_gallery_indices", lambda *_: np.zeros((2, 50), dtype=np.int64))
+    monkeypatch.setattr(S, "rank_split", lambda *_, **__: SplitRanking(np.zeros((2, 50), dtype=np.int64)))
     target = tmp_path / "sub.json"
     with pytest.raises(S.SubmissionError, match="duplicate entries"):
-        S.write_circo_submission(split, _tied_scores(2, 60), target)
+        S.write_circo_submission(split, *_embed(_tied_scores(2, 60)), target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_fixture_corruptions_are_all_listed(tmp_path, capsys):
     split = load_cirr(FIXTURES / "cirr", None, "test1")
-    paths = S.write_cirr_submission(split, _tied_scores(2, 8), tmp_path / "ok")
+    paths = S.write_cirr_submission(split, *_embed(_tied_scores(2, 8)), tmp_path / "ok")
     ref = split.queries[1].reference
 
     def edit(data):
@@ -147,14 +158,16 @@ def test_fixture_corruptions_are_all_listed(tmp_path, capsys):
 
 def test_score_refuses_invalid_or_unscorable_input(tmp_path, capsys):
     split = load_cirr(FIXTURES / "cirr", None, "val")
-    paths = S.write_cirr_submission(split, _tied_scores(4, 12), tmp_path)
+    paths = S.write_cirr_submission(split, *_embed(_tied_scores(4, 12)), tmp_path)
     bad = _corrupt(paths["recall"], tmp_path / "bad.json", lambda d: d["100"].append(d["100"][0]))
     args = ["--dataset", "cirr", "--split", "val", "--annotations", str(FIXTURES / "cirr")]
     assert main(["score", str(bad), *args]) == 1
     assert "query 100: duplicate entries" in capsys.readouterr().out
     with pytest.raises(S.SubmissionError, match="a second 'recall' file"):
         S.score_submission([paths["recall"], paths["recall"]], "cirr", "val", FIXTURES / "cirr")
-    test_paths = S.write_cirr_submission(load_cirr(FIXTURES / "cirr", None, "test1"), _tied_scores(2, 8), tmp_path)
+    test_paths = S.write_cirr_submission(
+        load_cirr(FIXTURES / "cirr", None, "test1"), *_embed(_tied_scores(2, 8)), tmp_path
+    )
     with pytest.raises(ValueError, match="no public ground truth"):
         S.score_submission([test_paths["recall"]], "cirr", "test1", FIXTURES / "cirr")
     with pytest.raises(ValueError, match="cirr and circo"):
@@ -169,7 +182,7 @@ def test_metric_is_detected_without_the_metric_key():
 
 def test_circo_ids_are_checked_against_the_gallery(tmp_path):
     split = load_circo(FIXTURES / "circo", None, "test")
-    path = S.write_circo_submission(split, _tied_scores(2, 60), tmp_path / "sub.json")
+    path = S.write_circo_submission(split, *_embed(_tied_scores(2, 60)), tmp_path / "sub.json")
     bad = _corrupt(path, tmp_path / "bad.json", lambda d: d["1"].__setitem__(3, 42))
     assert S.check_submission(bad, "circo", "test", FIXTURES / "circo") == ["query 1: ids not in the gallery: 42"]
     # An explicit image folder as the gallery listing.
@@ -289,7 +302,7 @@ def test_real_cirr_val_round_trip(real_data, tmp_path, capsys):
     # Make the target win for about a third of the queries so the numbers are not all near zero.
     for i, q in enumerate(split.queries[::3]):
         scores[3 * i, split.gallery_index[q.targets[0]]] += 10.0
-    paths = S.write_cirr_submission(split, scores, tmp_path)
+    paths = S.write_cirr_submission(split, *_embed(scores), tmp_path)
     assert all(p.stat().st_size < S.CIRR_SERVER_LIMIT_BYTES for p in paths.values())
     scored = _score_json(list(paths.values()), "cirr", real_data / "cirr", capsys)
     expected = evaluate_scores(split, scores)

@@ -435,7 +435,7 @@ def submit_cmd(
     Example: `cirlab submit sum --dataset shapes --split cirr/test1 --out runs/submission`
     """
     from cirlab.config import apply_overrides
-    from cirlab.evaluation.evaluate import predict_scores
+    from cirlab.evaluation.evaluate import predict_embeddings
     from cirlab.evaluation.submission import write_circo_submission, write_cirr_submission
     from cirlab.methods import create_method, load_method
 
@@ -449,7 +449,7 @@ def submit_cmd(
         model = _shapes_model(method, checkpoint, env, quick, overrides)
         texts = _text_cache(model, generations)
         target = env.source.split(split)
-        scores = predict_scores(model, target, env.source.features_for(model, split))
+        queries, gallery = predict_embeddings(model, target, env.source.features_for(model, split))
     else:
         from cirlab.backbones import create_backbone
         from cirlab.data.benchmark import load_splits
@@ -465,12 +465,12 @@ def submit_cmd(
         model.config = apply_overrides(model.config, overrides)
         texts = _text_cache(model, generations)
         (target,) = load_splits(dataset, annotations, images, split)
-        scores = predict_scores(model, target, cache=FeatureCache(default_cache_dir()))
+        queries, gallery = predict_embeddings(model, target, cache=FeatureCache(default_cache_dir()))
     typer.echo(target.describe())
     if target.dataset == "cirr":
-        written = list(write_cirr_submission(target, scores, out).values())
+        written = list(write_cirr_submission(target, queries, gallery, out).values())
     elif target.dataset == "circo":
-        written = [write_circo_submission(target, scores, out / f"circo_{target.split}_submission.json")]
+        written = [write_circo_submission(target, queries, gallery, out / f"circo_{target.split}_submission.json")]
     else:
         raise typer.BadParameter(f"no test server format for {target.dataset}", param_hint="--dataset")
     for path in written:

@@ -1,5 +1,6 @@
-"""The one prediction path for validation and test: encode the split's images, compose queries, score, apply the
-benchmark's protocol (``protocols.evaluate_scores``). Every method and every benchmark goes through here.
+"""The one prediction path for validation and test: encode the split's images, compose queries, rank the gallery
+under the benchmark's protocol (``protocols.rank_split``), compute its metrics (``protocols.evaluate_ranking``).
+Every method and every benchmark goes through here; no (queries x gallery) score matrix is built.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cirlab.data.benchmark import CIRSplit
-from cirlab.evaluation.protocols import evaluate_scores
+from cirlab.evaluation.protocols import evaluate_ranking, rank_split
+from cirlab.evaluation.ranking import Precision
 from cirlab.features.images import split_features
 from cirlab.features.table import FeatureTable
 from cirlab.methods.base import compose_with_context, needs_context
@@ -102,17 +103,12 @@ def subset_split(split: CIRSplit, indices: Sequence[int]) -> CIRSplit:
     return dataclasses.replace(split, queries=[split.queries[i] for i in indices])
 
 
-@torch.no_grad()
-def score_matrix(queries: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
-    """Cosine scores (Q, N) as float32 numpy."""
-    return (queries @ gallery.t()).numpy().astype(np.float32, copy=False)
-
-
-def predict_scores(
+def predict_embeddings(
     method: Any, split: CIRSplit, features: FeatureTable | None = None, batch_size: int = 256, cache: Any = None
-) -> np.ndarray:
-    """Cosine scores (Q, N) of the split's composed queries against its gallery: the one prediction path shared by
-    validation, test evaluation and test-server submissions."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's composed queries (Q, d) and its gallery (N, d) in the method's retrieval space, L2-normalised:
+    the one prediction path shared by validation, test evaluation and test-server submissions (which rank them
+    with :func:`cirlab.evaluation.protocols.rank_split`)."""
     was_training = method.training
     method.eval()
     split = method_view(method, split)
@@ -121,7 +117,7 @@ def predict_scores(
             features = split_features(method, split, cache=cache)
         gallery = gallery_embeddings(method, split, features)
         queries = compose_queries(method, split, features, batch_size, gallery=gallery)
-        return score_matrix(queries, gallery)
+        return queries, gallery
     finally:
         method.train(was_training)
 
@@ -133,6 +129,7 @@ def evaluate(
     subsets: dict[str, Sequence[int]] | None = None,
     batch_size: int = 256,
     cache: Any = None,
+    precision: Precision = "auto",
 ) -> EvalResult:
     """Evaluates ``method`` on ``split`` with the split's own protocol.
 
@@ -143,13 +140,16 @@ def evaluate(
         subsets: named query-index subsets to report separately (e.g. ``{"heldout": [...], "seen": [...]}``).
         batch_size: composition batch size.
         cache: a ``FeatureCache`` used when ``features`` is None and the image encoder is frozen.
+        precision: ranking precision (``cirlab.evaluation.ranking.resolve_precision``; every choice gives the
+            float32 ranking up to ties).
     """
     t0 = time.perf_counter()
     split = method_view(method, split)
-    scores = predict_scores(method, split, features, batch_size, cache)
-    metrics = evaluate_scores(split, scores)
+    queries, gallery = predict_embeddings(method, split, features, batch_size, cache)
+    ranking = rank_split(split, queries, gallery, precision=precision)
+    metrics = evaluate_ranking(split, ranking)
     parts = {
-        name: evaluate_scores(subset_split(split, idx), scores[np.asarray(idx, dtype=np.int64)])
+        name: evaluate_ranking(subset_split(split, idx), ranking.rows(idx))
         for name, idx in (subsets or {}).items()
         if len(idx)
     }

@@ -9,9 +9,10 @@ Formats (FORMATS.md 1.4 and 2.3):
   strings (``"397133"``) are accepted, with a note: the official scorer casts every id to int, and SEARLE's and
   LinCIR's submission scripts write strings.
 
-Writers rank with ``cirlab.evaluation.protocols`` (the same path as validation metrics), check the object with the
-same validator :func:`check_submission` uses, and write atomically. :func:`score_submission` scores a file of a
-split with ground truth with the same metric functions as the evaluator.
+Writers rank the split's query and gallery embeddings with :func:`cirlab.evaluation.protocols.rank_split` (the
+same path as validation metrics), check the object with the same validator :func:`check_submission` uses, and
+write atomically. :func:`score_submission` scores a file of a split with ground truth with the evaluator's
+:func:`cirlab.evaluation.protocols.ranking_metrics`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cirlab.data.benchmark import CIRSplit, load_splits
-from cirlab.evaluation import metrics as M
-from cirlab.evaluation.protocols import ranked_gallery_indices, ranked_subset_indices
+from cirlab.evaluation.protocols import rank_split, ranking_metrics
 from cirlab.io import atomic_path, read_json
 
 SubmissionDataset = Literal["cirr", "circo"]
@@ -292,7 +292,7 @@ def score_submission(
 
     Returns:
         Percentages. CIRR: ``recall_at_{1,5,10,50}`` from a recall file, ``recall_subset_at_{1,2,3}`` from a
-        subset file. CIRCO: ``map_at_{5,10,25,50}``, ``recall_at_{5,10,25,50}``.
+        subset file, ``avg`` from both. CIRCO: ``map_at_{5,10,25,50}``, ``recall_at_{5,10,25,50}``.
 
     Raises:
         SubmissionError: a file is invalid (every problem listed), or the files do not fit together.
@@ -314,30 +314,12 @@ def score_submission(
             raise SubmissionError(str(file), [f"a second {kind!r} file was given"])
         parsed[str(kind)] = obj
     queries = the_split.queries
-    p = the_split.protocol
-    out: dict[str, float] = {}
     if "circo" in parsed:
         rankings = [[circo_id(v) for v in parsed["circo"][q.qid]] for q in queries]
-        gts = [[int(t) for t in q.targets] for q in queries]
-        for k in p.map_ks:
-            out[f"map_at_{k}"] = M.circo_map_at_k(rankings, gts, k)
-        for k in p.recall_ks:
-            out[f"recall_at_{k}"] = M.circo_recall_at_k(rankings, gts, k)
-        if per_aspect and p.aspect_map_k:
-            aspects = M.circo_map_per_aspect(rankings, gts, [q.aspects for q in queries], p.aspect_map_k)
-            out.update({f"map_at_{p.aspect_map_k}/{a}": v for a, v in aspects.items()})
-        return out
-    targets = [q.targets[0] for q in queries]
-    if "recall" in parsed:
-        rankings = [parsed["recall"][q.qid] for q in queries]
-        for k in p.recall_ks:
-            out[f"recall_at_{k}"] = M.recall_at_k(rankings, targets, k)
-    if "recall_subset" in parsed:
-        rankings = [parsed["recall_subset"][q.qid] for q in queries]
-        subsets = [_non_reference_members(q) for q in queries]
-        for k in p.subset_ks:
-            out[f"recall_subset_at_{k}"] = M.cirr_recall_subset_at_k(rankings, targets, subsets, k)
-    return out
+        return ranking_metrics(the_split, rankings, item=int, per_aspect=per_aspect)
+    recall = [parsed["recall"][q.qid] for q in queries] if "recall" in parsed else None
+    subset = [parsed["recall_subset"][q.qid] for q in queries] if "recall_subset" in parsed else None
+    return ranking_metrics(the_split, recall, subset, item=str)
 
 
 # --- writers ------------------------------------------------------------------------------------------------------
@@ -353,27 +335,29 @@ def _write_validated(obj: dict[str, Any], split: CIRSplit, out_path: Path) -> Pa
     return out_path
 
 
-def cirr_submission_objects(split: CIRSplit, scores: Any) -> dict[str, dict[str, Any]]:
-    """The two CIRR submission objects ("recall", "recall_subset") from a (Q, N) score matrix over the gallery."""
+def cirr_submission_objects(split: CIRSplit, queries: Any, gallery: Any) -> dict[str, dict[str, Any]]:
+    """The two CIRR submission objects ("recall", "recall_subset") from the split's (Q, d) query and (N, d) gallery
+    embeddings (numpy arrays or torch tensors, row j of ``gallery`` for ``split.gallery[j]``)."""
     if split.dataset != "cirr" or not split.protocol.remove_reference:
         raise ValueError(f"{split.name}: a CIRR submission needs a CIRR split with the reference removed")
-    gallery = split.gallery
-    top = ranked_gallery_indices(split, scores, CIRR_RECALL_K)
-    subsets = ranked_subset_indices(split, scores)
+    names = split.gallery
+    ranking = rank_split(split, queries, gallery, CIRR_RECALL_K, subsets=True)
+    members = ranking.subsets or []  # always ranked here (subsets=True)
     recall: dict[str, Any] = {"version": split.version, "metric": "recall"}
     subset: dict[str, Any] = {"version": split.version, "metric": "recall_subset"}
     for i, q in enumerate(split.queries):
-        recall[q.qid] = [gallery[j] for j in top[i]]
-        subset[q.qid] = [gallery[j] for j in subsets[i][:CIRR_SUBSET_K]]
+        recall[q.qid] = [names[j] for j in ranking.top[i]]
+        subset[q.qid] = [names[j] for j in members[i][:CIRR_SUBSET_K]]
     return {"recall": recall, "recall_subset": subset}
 
 
-def write_cirr_submission(split: CIRSplit, scores: Any, out_dir: str | Path) -> dict[str, Path]:
+def write_cirr_submission(split: CIRSplit, queries: Any, gallery: Any, out_dir: str | Path) -> dict[str, Path]:
     """Writes ``<split>_pred_ranks_recall.json`` and ``<split>_pred_ranks_recall_subset.json`` into ``out_dir``.
 
     Args:
         split: a CIRR split (``test1`` for the server; ``val`` works too, e.g. to check with ``cirlab score``).
-        scores: (Q, N) numpy array or torch tensor over ``split.gallery``, higher is better.
+        queries: (Q, d) composed queries, numpy array or torch tensor, row i for ``split.queries[i]``.
+        gallery: (N, d) gallery embeddings, row j for ``split.gallery[j]``; higher inner product is better.
         out_dir: destination folder (created if needed).
 
     Returns:
@@ -382,7 +366,7 @@ def write_cirr_submission(split: CIRSplit, scores: Any, out_dir: str | Path) -> 
     Raises:
         SubmissionError: the objects failed validation (nothing is written then).
     """
-    objects = cirr_submission_objects(split, scores)
+    objects = cirr_submission_objects(split, queries, gallery)
     out = Path(out_dir)
     return {
         metric: _write_validated(obj, split, out / f"{split.split}_pred_ranks_{metric}.json")
@@ -390,23 +374,24 @@ def write_cirr_submission(split: CIRSplit, scores: Any, out_dir: str | Path) -> 
     }
 
 
-def circo_submission_object(split: CIRSplit, scores: Any) -> dict[str, list[int]]:
-    """The CIRCO submission object (query id -> top-50 COCO ids) from a (Q, N) score matrix over the gallery."""
+def circo_submission_object(split: CIRSplit, queries: Any, gallery: Any) -> dict[str, list[int]]:
+    """The CIRCO submission object (query id -> top-50 COCO ids) from the split's query and gallery embeddings."""
     if split.dataset != "circo":
         raise ValueError(f"{split.name}: a CIRCO submission needs a CIRCO split")
-    top = ranked_gallery_indices(split, scores, CIRCO_K)
+    top = rank_split(split, queries, gallery, CIRCO_K).top
     return {q.qid: [int(split.gallery[j]) for j in top[i]] for i, q in enumerate(split.queries)}
 
 
-def write_circo_submission(split: CIRSplit, scores: Any, out_path: str | Path) -> Path:
+def write_circo_submission(split: CIRSplit, queries: Any, gallery: Any, out_path: str | Path) -> Path:
     """Writes the CIRCO submission file for ``split`` (``test`` for the server, or ``val``).
 
     Args:
         split: a CIRCO split whose gallery is known (the COCO image list or the image folder).
-        scores: (Q, N) numpy array or torch tensor over ``split.gallery``, higher is better.
+        queries: (Q, d) composed queries, numpy array or torch tensor, row i for ``split.queries[i]``.
+        gallery: (N, d) gallery embeddings, row j for ``split.gallery[j]``; higher inner product is better.
         out_path: the JSON file to write.
 
     Raises:
         SubmissionError: the object failed validation (nothing is written then).
     """
-    return _write_validated(circo_submission_object(split, scores), split, Path(out_path))
+    return _write_validated(circo_submission_object(split, queries, gallery), split, Path(out_path))

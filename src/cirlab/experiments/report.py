@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from cirlab.data.images import load_image
 from cirlab.evaluation.evaluate import compose_queries, gallery_embeddings, subset_split
+from cirlab.evaluation.protocols import rank_split
 from cirlab.io import atomic_path, atomic_write_text
 
 COLUMNS = (
@@ -124,17 +125,13 @@ def bar_chart(results: dict[str, Any], path: str | Path) -> None:
 
 @torch.no_grad()
 def top_k(method: Any, split: Any, features: Any, indices: Sequence[int], k: int = 5) -> list[list[str]]:
-    """Each selected query's top-k gallery names under the split's protocol (the reference removed for CIRR)."""
+    """Each selected query's top-k gallery names under the split's protocol (the reference removed for CIRR),
+    ranked by the evaluator's own path (``protocols.rank_split``)."""
     sub = subset_split(split, indices)
     queries = compose_queries(method, sub, features)
     gallery = gallery_embeddings(method, split, features)
-    scores = queries @ gallery.t()  # (q, N)
-    out = []
-    for row, q in zip(scores, sub.queries, strict=True):
-        if split.protocol.remove_reference and q.reference in split.gallery_index:
-            row[split.gallery_index[q.reference]] = -float("inf")
-        out.append([split.gallery[i] for i in row.topk(k).indices.tolist()])
-    return out
+    top = rank_split(sub, queries, gallery, k, subsets=False).top  # (q, k)
+    return [[split.gallery[i] for i in row] for row in top]
 
 
 def _thumb(path: Path, size: int = 96) -> str:

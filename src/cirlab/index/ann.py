@@ -1,6 +1,6 @@
 """Approximate inner-product search with faiss (HNSW or IVF), tuned and measured against exact search at build time.
 
-Exact search (``cirlab.evaluation.search.topk_inner_product``, faiss' exhaustive ``knn`` with BLAS for batches)
+Exact search (``cirlab.evaluation.ranking.topk_inner_product``, faiss' exhaustive ``knn`` with BLAS for batches)
 is the default and is always right. For large galleries an approximate structure trades a little recall for
 speed. Its search-time knob (``efSearch`` for HNSW, ``nprobe`` for IVF) is raised step by step until recall@k
 against exact search reaches a target on a sample of queries; the knob and the measured recall are stored with the
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cirlab._optional import require
-from cirlab.evaluation.search import topk_inner_product
+from cirlab.evaluation.ranking import topk_inner_product
 
 APPROXIMATE_KINDS = ("hnsw", "ivf")
 TIE_TOLERANCE = 1e-5

@@ -6,11 +6,12 @@ Example::
     query = index.compose("photos/dress.jpg", "the same dress but red")
     for hit in index.search(query, k=10): print(hit.score, hit.path)
 
-Exact inner-product search over the memory-mapped embeddings is the default (faiss' exhaustive search when the
-``[faiss]`` extra is installed, else numpy); an index built with an approximate structure uses it unless
-``exact=True`` is asked for. Model calls and searches run one at a time (a lock), so one ``GalleryIndex`` may be
-shared by the threads of a server; decoding and preprocessing a reference image run outside that lock, so a slow
-image never holds up other queries.
+Exact inner-product search over the memory-mapped embeddings is the default (``cirlab.evaluation.ranking``, the
+evaluator's ranking path: faiss' exhaustive search when the ``[faiss]`` extra is installed, else numpy, and for a
+large batch on a CPU with native bfloat16 its bfloat16 pass with an exact float32 re-rank); an index built with
+an approximate structure uses it unless ``exact=True`` is asked for. Model calls and searches run one at a time
+(a lock), so one ``GalleryIndex`` may be shared by the threads of a server; decoding and preprocessing a
+reference image run outside that lock, so a slow image never holds up other queries.
 
 A server keeps one index open while ``cirlab index build`` may commit a new generation into its directory:
 :meth:`GalleryIndex.refresh` notices (a ``stat`` of ``index.json``) and switches to it, one whole generation at a
@@ -34,7 +35,7 @@ import torch
 from PIL import Image
 
 from cirlab.data.images import ImageReadError, decode_image, load_image, open_regular_file
-from cirlab.evaluation.search import topk_inner_product
+from cirlab.evaluation.ranking import RankingGallery, topk_inner_product
 from cirlab.features.hashing import DIGEST_SIZE, READ_CHUNK, hash_bytes, hash_file, stat_signature
 from cirlab.generation.cache import TextCache
 from cirlab.index.ann import ann_search, read_ann
@@ -91,6 +92,8 @@ class _Generation:
         self.generation = str(stored.manifest["generation"])
         self.stamp = stamp  # index.json's (inode, size, mtime) when read
         self.embeddings = stored.embeddings  # (N, d) float32, memory-mapped
+        # Ranked through the one ranking path; a batch large enough for the bfloat16 pass converts it once.
+        self.ranking = RankingGallery(self.embeddings)
         self.paths = stored.paths
         self.digests = stored.digests
         self.root = Path(stored.manifest["root"])
@@ -337,12 +340,8 @@ class GalleryIndex:
         if gen.ann is not None and not exact:
             with self._lock:
                 return ann_search(gen.ann, queries, k, [set(e) for e in exclude] if exclude else None)
-        width = max((len(e) for e in exclude), default=0) if exclude else 0
-        ex = np.full((len(queries), width), -1, dtype=np.int64)
-        for r, e in enumerate(exclude or []):
-            ex[r, : len(e)] = e
         with self._lock:  # one search at a time: concurrent faiss/BLAS thread pools only fight over the cores
-            result = topk_inner_product(queries, gen.embeddings, k, exclude=ex if width else None)
+            result = topk_inner_product(queries, gen.ranking, k, exclude=exclude or None)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         scores[:, : result.scores.shape[1]], ids[:, : result.indices.shape[1]] = result.scores, result.indices
