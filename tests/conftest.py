@@ -53,8 +53,8 @@ def quick_shapes_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_mllm_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2.5-VL (``cirlab.backbones.mllm.save_tiny_mllm``), saved (loads as ``mllm:<dir>``)."""
-    from cirlab.backbones.mllm import save_tiny_mllm
+    """A tiny random Qwen2.5-VL (``cirlab.backbones.tiny.save_tiny_mllm``), saved (loads as ``mllm:<dir>``)."""
+    from cirlab.backbones.tiny import save_tiny_mllm
 
     return save_tiny_mllm(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 

@@ -94,7 +94,7 @@ def dry_run_backbone(spec: str, workdir: str | Path | None = None) -> str:
     if parse_spec(spec)[0] != "mllm":
         _, sep, options = spec.partition("#")
         return DRY_RUN_BACKBONE + sep + options
-    from cirlab.backbones.mllm import save_tiny_mllm
+    from cirlab.backbones.tiny import save_tiny_mllm
 
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cirlab-dry-run-"))
     return f"mllm:{save_tiny_mllm(root / 'tiny-mllm')}"
