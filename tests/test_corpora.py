@@ -9,11 +9,12 @@ import tarfile
 import pytest
 import torch
 
-import cirlab.data.corpora as corpora_module
+import cirlab.data.corpora.imagefolder as imagefolder_module
 from _corpora import (
     caption_of,
     data_overrides,
     every_method_worker,
+    few_steps_config,
     two_process_worker,
     write_captions,
     write_corpora,
@@ -21,7 +22,7 @@ from _corpora import (
     write_shards,
     write_triplets,
 )
-from cirlab.data import DATASETS
+from cirlab.data import BENCHMARKS, CORPORA
 from cirlab.data.corpora import (
     CaptionCorpus,
     ImageFolderCorpus,
@@ -36,11 +37,12 @@ from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import INDEX_DIR, encode_corpus, index_corpus
 from cirlab.methods import METHODS, create_method
 from cirlab.training.corpus_source import CorpusSource, DataOptions
-from cirlab.training.run import fit, load_run_config
+from cirlab.training.run import fit
 
 
 def test_registered_as_datasets():
-    assert {"imagefolder", "webdataset", "captions", "triplet-jsonl"} <= set(DATASETS.list())
+    assert {"imagefolder", "webdataset", "captions", "triplet-jsonl"} <= set(CORPORA.list())
+    assert not set(CORPORA.list()) & set(BENCHMARKS.list())
 
 
 def test_brace_patterns_expand_like_webdataset():
@@ -71,7 +73,7 @@ def test_webdataset_every_sample_once_across_2_ranks_x_2_workers(tmp_path, shard
 
 @pytest.mark.parametrize("unit", [3, 4096])
 def test_image_folder_every_image_once_across_2_ranks_x_2_workers(tmp_path, monkeypatch, unit):
-    monkeypatch.setattr(corpora_module, "FOLDER_UNIT", unit)
+    monkeypatch.setattr(imagefolder_module, "FOLDER_UNIT", unit)
     names = write_image_folder(tmp_path / "imgs", n=13)
     flat = [n for part in _all_parts(ImageFolderCorpus(tmp_path / "imgs"), 2, 2) for n in part]
     assert sorted(flat) == names
@@ -208,8 +210,7 @@ COVERED_BY_PRESETS = {"map-to-compose", "tmcir"}
 )
 def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_backbone, tmp_path):
     cls = METHODS.get(method)
-    stage_steps = [f"{s.name}.{k}" for s in cls.stages for k in ("steps=2", "batch_size=4", "progress=false")]
-    run_cfg = load_run_config(method, None, [*stage_steps, *data_overrides(method, corpora, tmp_path / "cache")])
+    run_cfg = few_steps_config(method, data_overrides(method, corpora, tmp_path / "cache"))
     source = CorpusSource(run_cfg.data, FeatureCache(run_cfg.data.cache_dir))
     torch.manual_seed(0)
     model = create_method(method, tiny_backbone, run_cfg.method)
