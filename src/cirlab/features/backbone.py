@@ -21,6 +21,7 @@ from cirlab.features.cache import FeatureCache, encoder_key
 from cirlab.features.distributed import sharded_get_or_compute
 from cirlab.features.hashing import hash_array, hash_bytes, hash_files
 from cirlab.features.table import FeatureTable, PairTable
+from cirlab.progress import progress_bar
 from cirlab.types import PairEncoder
 
 
@@ -49,9 +50,7 @@ def _to_tensor(feats: Any, part: str) -> torch.Tensor:
 def _progress_bar(enabled: bool, label: str):
     if not enabled:
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = progress_bar()
     task = bar.add_task(label, total=None)
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
