@@ -86,6 +86,7 @@ def test_dataloader_workers_of_two_simulated_ranks_read_disjoint_parts(tmp_path)
     assert sorted(seen) == sorted(keys)
 
 
+@pytest.mark.integration
 def test_two_real_processes_split_the_corpus_and_train(tmp_path):
     """Two gloo processes: each indexes its own shards with 2 DataLoader workers (union = corpus, no overlap),
     both end with the same gathered feature table, and both run Pic2Word's stage through ``fit``."""
@@ -205,6 +206,7 @@ TRAINED = sorted(m for m in METHODS.list() if METHODS.get(m).stages)
 COVERED_BY_PRESETS = {"map-to-compose", "tmcir"}
 
 
+@pytest.mark.integration  # every method through fit, from the corpora on disk
 @pytest.mark.parametrize(
     "method", [pytest.param(m, marks=[pytest.mark.slow] if m in COVERED_BY_PRESETS else []) for m in TRAINED]
 )
@@ -222,6 +224,7 @@ def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_back
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_every_method_trains_in_two_processes_from_corpora(corpora, tmp_path):
     """Two gloo processes train every method with stages from the corpora (global batch 4, 2 per process): each
     stage runs its steps, and both processes end each stage with identical weights (gradients averaged)."""

@@ -173,6 +173,7 @@ def _data_args(preset: str, method: str, data: dict, tmp_path: Path) -> list[str
     return args
 
 
+@pytest.mark.integration  # `cirlab train --dry-run` end to end
 @pytest.mark.parametrize(
     ("preset", "method"),
     [pytest.param(p, m, marks=[pytest.mark.slow] if (p, m) in SLOW_DRY_RUNS else []) for p, m in CORPUS_PRESETS],
