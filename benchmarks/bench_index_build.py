@@ -44,6 +44,7 @@ from cirlab.backbones.tiny import PUBLIC_SHAPES, build_small_clip
 from cirlab.backbones.tokenizer import BASIC_CORPUS
 from cirlab.cli.search import default_backbone
 from cirlab.data.images import load_image
+from cirlab.experiments import SHAPES_ROOT
 from cirlab.features.cache import FeatureCache
 from cirlab.index import build_index, find_images
 from cirlab.index.model import load_model
@@ -51,7 +52,7 @@ from cirlab.index.model import load_model
 TARGET = 0.8
 
 
-def shapes_images(root: Path = Path("runs/shapes")) -> Path:
+def shapes_images(root: Path = SHAPES_ROOT) -> Path:
     worlds = sorted(root.glob("world-*/cirr/img_raw"), key=lambda p: p.stat().st_mtime)
     if not worlds:
         sys.exit(f"no Shapes world under {root}/: run `cirlab demo --quick` first, or pass --images DIR")

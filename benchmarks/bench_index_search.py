@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from cirlab.evaluation.ranking import topk_inner_product
-from cirlab.index.ann import AnnConfig, ann_search, build_ann, recall_at_k
+from cirlab.index.ann import AnnConfig, ann_recall_at_k, ann_search, build_ann
 
 K = 50
 RECALL_TARGET = 0.95
@@ -106,7 +106,7 @@ def main() -> None:
             build_s = time.perf_counter() - t0
             name = f"cirlab {kind} ({', '.join(f'{k}={v}' for k, v in report.params.items())})"
             scores, _ = ann_search(index, queries, K)
-            recalls[name] = recall_at_k(scores, exact.scores, K)
+            recalls[name] = ann_recall_at_k(scores, exact.scores, K)
             print(f"{kind}: built and tuned in {build_s:.0f} s; build-time recall@{K} {report.recall:.3f}")
             results[name] = {
                 b: latencies(lambda q, i=index: ann_search(i, q, K), queries, b, args.repeats, rng) for b in (1, 100)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
-from cirlab.experiments.shapes_env import DEFAULT_ROOT, prepare_shapes
+from cirlab.experiments.shapes_env import prepare_shapes
 from cirlab.methods.base import DataRequest
 from cirlab.modules.pseudo_word import text_embeds
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mask", choices=["phrases", "words"], default="phrases", help="LinCIR's method.mask")
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--root", type=Path, default=SHAPES_ROOT)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "demo" / "methods")
     args = parser.parse_args(argv)
 

@@ -11,6 +11,7 @@ import json
 import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -189,6 +190,20 @@ def data_overrides(method: str, corpora: dict[str, str], cache_dir: Path) -> lis
             "data.triplets_by_name=true"]  # fmt: skip
 
 
+def few_steps_config(method: str, overrides: list[str]) -> Any:
+    """``method``'s run config for a few steps: every stage 2 steps at batch 4 without a progress bar, and the
+    method's own compute budgets (SEARLE's OTI steps and images) capped as a dry run caps them."""
+    import dataclasses
+
+    from cirlab.config import shrink_budgets
+    from cirlab.methods import METHODS
+    from cirlab.training.run_config import load_run_config
+
+    steps = [f"{s.name}.{k}" for s in METHODS.get(method).stages for k in ("steps=2", "batch_size=4", "progress=false")]
+    run_cfg = load_run_config(method, None, [*steps, *overrides])
+    return dataclasses.replace(run_cfg, method=shrink_budgets(run_cfg.method, steps=2, items=16))
+
+
 def join_gloo(rank: int, world_size: int, init_file: str) -> None:
     """Joins a ``spawn``-started process to a gloo group of ``world_size`` through ``init_file``, one torch thread;
     DataLoader workers then fork, as they do under torchrun (and start in ms). Leave through
@@ -217,7 +232,6 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
     from cirlab.methods import METHODS, create_method
     from cirlab.training.corpus_source import CorpusSource
     from cirlab.training.run import fit
-    from cirlab.training.run_config import load_run_config
 
     ended: dict[str, str] = {}
     load_weights = run_module.load_weights
@@ -236,10 +250,7 @@ def every_method_worker(rank: int, world_size: int, init_file: str, corpora_json
         backbone = cirlab.create_backbone("tiny").freeze()
         results = {}
         for method in sorted(m for m in METHODS.list() if METHODS.get(m).stages):
-            cls = METHODS.get(method)
-            steps = [f"{st.name}.{k}" for st in cls.stages for k in ("steps=2", "batch_size=4", "progress=false")]
-            overrides = data_overrides(method, corpora, Path(out) / "cache")
-            run_cfg = load_run_config(method, None, [*steps, *overrides])
+            run_cfg = few_steps_config(method, data_overrides(method, corpora, Path(out) / "cache"))
             source = CorpusSource(run_cfg.data, FeatureCache(run_cfg.data.cache_dir))
             torch.manual_seed(0)
             model = create_method(method, backbone, run_cfg.method)

@@ -13,6 +13,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+INTEGRATION_FIXTURES = {"quick_shapes_root"}
+"""Fixtures that make a test end to end (the quick Shapes world and its CLIP): its users are marked ``integration``."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test that uses an end-to-end fixture ``integration``, wherever it lives, so the fast unit run
+    (``-m "not slow and not integration"``) never builds the quick world."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
@@ -53,8 +64,8 @@ def quick_shapes_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_mllm_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2.5-VL (``cirlab.backbones.mllm.save_tiny_mllm``), saved (loads as ``mllm:<dir>``)."""
-    from cirlab.backbones.mllm import save_tiny_mllm
+    """A tiny random Qwen2.5-VL (``cirlab.backbones.tiny.save_tiny_mllm``), saved (loads as ``mllm:<dir>``)."""
+    from cirlab.backbones.tiny import save_tiny_mllm
 
     return save_tiny_mllm(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 

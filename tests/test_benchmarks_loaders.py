@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cirlab.data import DATASETS
+from cirlab.data import BENCHMARKS, CORPORA
 from cirlab.data.benchmark import AnnotationError, load_splits, with_protocol
 from cirlab.data.circo import load_circo
 from cirlab.data.cirr import load_cirr
@@ -57,11 +57,28 @@ def _placeholders(folder: Path, relative_paths: list[str]) -> None:
 def test_loaders_are_registered_and_listed(capsys):
     from cirlab.cli.main import main
 
-    assert {"cirr", "fashioniq", "circo"} <= set(DATASETS.list())
+    assert {"cirr", "fashioniq", "circo", "shapes"} <= set(BENCHMARKS.list())
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("cirr", "fashioniq", "circo"):
-        assert f"  {name}\n" in out
+    # Benchmarks and corpora are listed apart: each name under its own heading only.
+    benchmarks = out.split("benchmarks:\n")[1].split("corpora:\n")[0]
+    corpora = out.split("corpora:\n")[1].split("captioners:\n")[0]
+    assert {line.strip() for line in benchmarks.splitlines()} == set(BENCHMARKS.list())
+    assert {line.strip() for line in corpora.splitlines()} == set(CORPORA.list()) >= {"imagefolder", "webdataset"}
+
+
+@pytest.mark.parametrize("command", ["eval", "submit"])
+def test_a_corpus_given_as_a_benchmark_is_refused_by_name(command, tmp_path, capsys):
+    """`cirlab eval --dataset imagefolder` called the image-folder corpus's constructor as a benchmark loader and
+    failed with its error; now corpora are registered apart and the CLI says what the name is."""
+    from cirlab.cli.main import main
+
+    args = [command, "sum", "--dataset", "imagefolder", "--split", "val", "--annotations", str(tmp_path)]
+    assert main([*args, "--images", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'imagefolder' is a training corpus, not a benchmark" in err and "cirr" in err and "--dataset" in err
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'; benchmarks: circo, cirr, fashioniq, shapes"):
+        load_splits("nope", tmp_path)
 
 
 def test_data_and_harness_do_not_import_torch():
@@ -357,3 +374,74 @@ def test_real_fashioniq_text_matches_the_peer_convention(real_data):
             first, second = q.texts
             if first.strip() and second.strip():
                 assert q.text == f"{first.strip('.?, ')} and {second.strip('.?, ')}"
+
+
+# --- the contract every registered benchmark loader keeps ---------------------------------------------------------
+
+
+def _shapes_world(tmp: Path) -> Path:
+    from cirlab.data.shapes import CircoConfig, CirrConfig, CorpusConfig, ShapesConfig, SyntheticConfig, build_world
+
+    small = ShapesConfig(
+        cirr=CirrConfig(train_queries=30, val_queries=12, test_queries=24, extra_gallery=10),
+        circo=CircoConfig(val_queries=8, test_queries=16, extra_gallery=20),
+        corpus=CorpusConfig(images=20),
+        synthetic=SyntheticConfig(triplets=10),
+    )
+    return build_world(small, tmp / "world").root
+
+
+# name -> (the fixture's benchmark root from a temporary directory, whether the root holds the images too, the
+# splits to load, and the options each needs); the real annotation files are read too when shared/data has them.
+LOADER_FIXTURES = {
+    "cirr": (lambda tmp: _copy_fixture(tmp, "cirr"), False, ["val", "test1", "train"], {}),
+    "fashioniq": (lambda tmp: _copy_fixture(tmp, "fashioniq"), False, ["val", "test"], {"category": "dress"}),
+    "circo": (lambda tmp: _copy_fixture(tmp, "circo"), False, ["val", "test"], {}),
+    "shapes": (_shapes_world, True, ["val", "test1", "circo-val", "circo-test"], {"check_images": True}),
+}
+
+
+def test_every_registered_benchmark_has_a_fixture():
+    assert set(LOADER_FIXTURES) == set(BENCHMARKS.list())
+
+
+def _check_split(split, name: str, split_name: str) -> None:
+    """What the evaluator and the submission writers rely on, whatever the benchmark. A gallery may be empty only
+    when its image list is absent (CIRCO's COCO list is a separate download): then the names are not checked."""
+    assert split.dataset.startswith(name) and split_name.endswith(split.split) and split.queries, split_name
+    assert len({q.qid for q in split.queries}) == len(split.queries), "query ids are unique"
+    assert len(set(split.gallery)) == len(split.gallery), "gallery names are unique"
+    gallery = set(split.gallery)
+    for q in split.queries:
+        assert isinstance(q.text, str) and q.texts and all(isinstance(t, str) for t in q.texts), q.qid
+        assert (len(q.targets) > 0) == split.protocol.has_ground_truth, q.qid
+        if gallery:
+            assert q.reference in gallery or split.dataset == "fashioniq", q.qid
+            assert set(q.targets) <= gallery and (q.subset is None or set(q.subset) <= gallery), q.qid
+    assert split.protocol.recall_ks or split.protocol.map_ks
+    assert split.name in split.describe()
+
+
+@pytest.mark.parametrize("name", sorted(LOADER_FIXTURES))
+def test_every_benchmark_loader_keeps_the_contract(name, tmp_path):
+    make_root, holds_images, splits, options = LOADER_FIXTURES[name]
+    root = make_root(tmp_path)
+    loader = BENCHMARKS.get(name)
+    for split_name in splits:
+        split = loader(root, None, split_name, **options)
+        _check_split(split, name, split_name)
+        assert (split.image_root is not None) == holds_images
+        assert load_splits(name, root, None, split_name, **options)[0].queries == split.queries
+        if not holds_images:
+            with_images = loader(root, tmp_path / "images", split_name, **options)
+            assert with_images.image_root == tmp_path / "images" and with_images.queries == split.queries
+
+
+REAL_SPLITS = {"cirr": ["val", "test1"], "fashioniq": ["val", "test"], "circo": ["val", "test"]}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SPLITS))
+def test_every_benchmark_loader_keeps_the_contract_on_the_real_annotations(name, shared_data, tmp_path):
+    for split_name in REAL_SPLITS[name]:
+        for split in load_splits(name, shared_data / name, None, split_name):
+            _check_split(split, name, split_name)

@@ -10,6 +10,8 @@ import shutil
 
 import pytest
 
+pytestmark = pytest.mark.integration  # a browser, a server thread and an index: left out of the fast unit run
+
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install 'cirlab[dev]')")
 

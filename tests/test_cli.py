@@ -21,7 +21,7 @@ def test_list_names_backbones(capsys):
     out = capsys.readouterr().out
     for name in ("hf-clip", "open-clip", "tiny"):
         assert f"  {name}\n" in out
-    assert "backbones:" in out and "methods:" in out and "datasets:" in out
+    assert "backbones:" in out and "methods:" in out and "benchmarks:" in out and "corpora:" in out
     assert "captioners:\n  hf-captioner\n  mllm\n" in out and "rewriters:\n  hf-rewriter\n" in out
 
 

@@ -9,11 +9,12 @@ import tarfile
 import pytest
 import torch
 
-import cirlab.data.corpora as corpora_module
+import cirlab.data.corpora.imagefolder as imagefolder_module
 from _corpora import (
     caption_of,
     data_overrides,
     every_method_worker,
+    few_steps_config,
     two_process_worker,
     write_captions,
     write_corpora,
@@ -21,7 +22,7 @@ from _corpora import (
     write_shards,
     write_triplets,
 )
-from cirlab.data import DATASETS
+from cirlab.data import BENCHMARKS, CORPORA
 from cirlab.data.corpora import (
     CaptionCorpus,
     ImageFolderCorpus,
@@ -38,11 +39,12 @@ from cirlab.methods import METHODS, create_method
 from cirlab.methods.base import DataRequest
 from cirlab.training.corpus_source import CorpusSource
 from cirlab.training.run import fit
-from cirlab.training.run_config import DataOptions, load_run_config
+from cirlab.training.run_config import DataOptions
 
 
 def test_registered_as_datasets():
-    assert {"imagefolder", "webdataset", "captions", "triplet-jsonl"} <= set(DATASETS.list())
+    assert {"imagefolder", "webdataset", "captions", "triplet-jsonl"} <= set(CORPORA.list())
+    assert not set(CORPORA.list()) & set(BENCHMARKS.list())
 
 
 def test_brace_patterns_expand_like_webdataset():
@@ -73,7 +75,7 @@ def test_webdataset_every_sample_once_across_2_ranks_x_2_workers(tmp_path, shard
 
 @pytest.mark.parametrize("unit", [3, 4096])
 def test_image_folder_every_image_once_across_2_ranks_x_2_workers(tmp_path, monkeypatch, unit):
-    monkeypatch.setattr(corpora_module, "FOLDER_UNIT", unit)
+    monkeypatch.setattr(imagefolder_module, "FOLDER_UNIT", unit)
     names = write_image_folder(tmp_path / "imgs", n=13)
     flat = [n for part in _all_parts(ImageFolderCorpus(tmp_path / "imgs"), 2, 2) for n in part]
     assert sorted(flat) == names
@@ -86,6 +88,7 @@ def test_dataloader_workers_of_two_simulated_ranks_read_disjoint_parts(tmp_path)
     assert sorted(seen) == sorted(keys)
 
 
+@pytest.mark.integration
 def test_two_real_processes_split_the_corpus_and_train(tmp_path):
     """Two gloo processes: each indexes its own shards with 2 DataLoader workers (union = corpus, no overlap),
     both end with the same gathered feature table, and both run Pic2Word's stage through ``fit``."""
@@ -205,13 +208,13 @@ TRAINED = sorted(m for m in METHODS.list() if METHODS.get(m).stages)
 COVERED_BY_PRESETS = {"map-to-compose", "tmcir"}
 
 
+@pytest.mark.integration  # every method through fit, from the corpora on disk
 @pytest.mark.parametrize(
     "method", [pytest.param(m, marks=[pytest.mark.slow] if m in COVERED_BY_PRESETS else []) for m in TRAINED]
 )
 def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_backbone, tmp_path):
     cls = METHODS.get(method)
-    stage_steps = [f"{s.name}.{k}" for s in cls.stages for k in ("steps=2", "batch_size=4", "progress=false")]
-    run_cfg = load_run_config(method, None, [*stage_steps, *data_overrides(method, corpora, tmp_path / "cache")])
+    run_cfg = few_steps_config(method, data_overrides(method, corpora, tmp_path / "cache"))
     source = CorpusSource(run_cfg.data, FeatureCache(run_cfg.data.cache_dir))
     torch.manual_seed(0)
     model = create_method(method, tiny_backbone, run_cfg.method)
@@ -223,6 +226,7 @@ def test_every_method_trains_a_few_steps_from_corpora(method, corpora, tiny_back
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_every_method_trains_in_two_processes_from_corpora(corpora, tmp_path):
     """Two gloo processes train every method with stages from the corpora (global batch 4, 2 per process): each
     stage runs its steps, and both processes end each stage with identical weights (gradients averaged)."""

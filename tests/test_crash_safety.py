@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # subprocesses killed and resumed many times over
+
 WORKER = Path(__file__).with_name("_crash_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from _corpora import noise_pngs  # noqa: E402

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from cirlab.cli.main import main
 from cirlab.experiments.demo import default_methods
+
+pytestmark = pytest.mark.integration  # the main job and the commands end to end on the quick Shapes world
 
 
 def test_quick_demo_writes_table_chart_and_report(quick_shapes_root, tmp_path, capsys):

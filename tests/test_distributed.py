@@ -21,6 +21,8 @@ from cirlab.features.cache import FeatureCache
 from cirlab.modules.losses import info_nce
 from cirlab.training.data import make_batch_fn
 
+pytestmark = pytest.mark.integration  # every test launches torchrun processes
+
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from _corpora import noise_pngs  # noqa: E402

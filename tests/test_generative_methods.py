@@ -67,6 +67,7 @@ def _sets(config: dict, prefix: str = "") -> list[str]:
     return out
 
 
+@pytest.mark.integration  # `cirlab eval` end to end, three times per method
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_second_evaluation_reads_every_text_from_the_cache(name, cirr, generative_configs, model_calls, tmp_path):
     texts = tmp_path / "texts.jsonl"
@@ -88,6 +89,7 @@ def test_second_evaluation_reads_every_text_from_the_cache(name, cirr, generativ
     assert model_calls["generate"] > 0
 
 
+@pytest.mark.integration  # `cirlab submit` end to end, twice
 def test_submission_ships_its_texts_and_reproduces_without_a_model(cirr, generative_configs, model_calls, tmp_path):
     sets = _sets(generative_configs["cirevl"])
     out = tmp_path / "submission"
@@ -106,6 +108,7 @@ def test_submission_ships_its_texts_and_reproduces_without_a_model(cirr, generat
     assert (again / "test1_pred_ranks_recall.json").read_text() == submission
 
 
+@pytest.mark.integration  # index build and search end to end
 @pytest.mark.parametrize("name", ["cirevl", "ldre"])
 def test_index_and_search_run_generative_methods(name, tiny_backbone, generative_configs, model_calls, tmp_path):
     from cirlab.features.cache import FeatureCache

@@ -24,7 +24,7 @@ from cirlab.data.images import ImageReadError, load_image
 from cirlab.features.cache import FeatureCache
 from cirlab.features.hashing import hash_files
 from cirlab.index import AnnConfig, IndexFormatError, build_index, find_images, load_index
-from cirlab.index.ann import build_ann, recall_at_k, sample_queries
+from cirlab.index.ann import ann_recall_at_k, build_ann, sample_queries
 from cirlab.index.store import INDEX_FILE
 from imagefiles import draw_image, make_gallery
 
@@ -147,7 +147,7 @@ def test_approximate_index_reports_recall_and_agrees_with_exact(gallery, tmp_pat
     query = index.compose(index.paths[0], "add a blue square")
     approx, exact = index.search(query, k=10), index.search(query, k=10, exact=True)
     assert query.exclude and all(h.id not in query.exclude for h in approx)
-    assert recall_at_k(np.array([[h.score for h in approx]]), np.array([[h.score for h in exact]]), 10) == 1.0
+    assert ann_recall_at_k(np.array([[h.score for h in approx]]), np.array([[h.score for h in exact]]), 10) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
@@ -163,7 +163,7 @@ def test_approximate_search_tunes_its_knob_to_the_target_recall(kind):
     # The recall stored is what a fresh measurement sees.
     queries = sample_queries(x, 100, seed=0)
     exact = np.sort(queries @ x.T, axis=1)[:, ::-1][:, :50]
-    assert recall_at_k(index.search(queries, 50)[0], exact, 50) == pytest.approx(report.recall)
+    assert ann_recall_at_k(index.search(queries, 50)[0], exact, 50) == pytest.approx(report.recall)
 
 
 def test_a_trained_checkpoint_directory_is_a_method(gallery, tmp_path, tiny_backbone):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cirlab
+from cirlab.config import shrink_budgets
 from cirlab.methods import METHODS, create_method, load_method
 from cirlab.methods.base import compose_with_context, needs_context
 from cirlab.training.data import FeatureTable, PixelTable, Triplet, make_batch_fn
@@ -59,9 +60,11 @@ def _batch_fn(kind: str, table: FeatureTable | PixelTable, batch_size: int = 8):
 
 
 def _method(name: str, backbone, generative_configs: dict | None = None):
-    """The method with its default config; a generative one runs the tiny random generators instead of its
-    default (downloaded) models."""
-    config = (generative_configs or {}).get(name) if METHODS.get(name).generators else None
+    """The method with its default config, its compute budgets capped as a dry run caps them (SEARLE's OTI: a few
+    steps, which the contract does not need converged); a generative one runs the tiny random generators instead of
+    its default (downloaded) models."""
+    cls = METHODS.get(name)
+    config = (generative_configs or {}).get(name) if cls.generators else shrink_budgets(cls.config_class(), 5, 24)
     return create_method(name, copy.deepcopy(backbone), config).eval()
 
 
@@ -186,6 +189,24 @@ def test_save_load_round_trip(name, tiny_backbone, table, references, generative
 def test_list_shows_methods():
     expected = {"image-only", "text-only", "sum", "pic2word", "searle", "searle-oti", "lincir", "combiner"}
     assert expected | {"cirevl", "ldre", "osrcir"} <= set(cirlab.list_methods())
+
+
+def test_the_index_offers_the_training_free_methods_the_registry_holds(monkeypatch):
+    """The index's list of training-free methods is read from the registry, not typed out: a method registered
+    without stages that embeds the gallery as the plain backbone does is offered; a trained or costly one is not."""
+    import cirlab.index.model as index_model
+    from cirlab.methods.baselines import Sum
+    from cirlab.registry import Registry
+
+    registry = Registry("method")
+    for name in METHODS.list():
+        registry.add(name, METHODS.get(name))
+    registry.add("new-free", type("NewFree", (Sum,), {}))
+    monkeypatch.setattr(index_model, "METHODS", registry)
+    cheap, costly = index_model.training_free_methods(), index_model.training_free_methods(costly=True)
+    assert {"sum", "image-only", "text-only", "new-free"} <= set(cheap) < set(costly)
+    assert {"searle-oti", "cirevl", "ldre", "osrcir"} <= set(costly) - set(cheap)
+    assert all(not registry.get(n).stages for n in costly) and "pic2word" not in costly
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).reads_reference_images])

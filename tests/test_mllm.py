@@ -13,7 +13,8 @@ from PIL import Image
 
 import cirlab
 from cirlab.backbones import create_backbone
-from cirlab.backbones.mllm import MLLMBackbone, MLLMJointSpace, MLLMJointSpaceConfig
+from cirlab.backbones.mllm import MLLMBackbone
+from cirlab.backbones.mllm_space import MLLMJointSpace, MLLMJointSpaceConfig
 from cirlab.features.cache import FeatureCache
 from cirlab.features.images import ArrayImages, ImageEncoder, cached_pair_table, image_features
 from cirlab.features.table import PairTable

@@ -20,6 +20,7 @@ from _corpora import (
     write_triplets,
 )
 from cirlab.cli.main import main
+from cirlab.config import to_dict
 from cirlab.data.benchmark import load_splits
 from cirlab.methods import METHODS
 from cirlab.training.dry_run import DryRun, dry_run_config
@@ -59,6 +60,18 @@ def test_dry_run_config_only_shrinks(tmp_path):
     assert small.backbone == "tiny" and small.data.limit == 5
     assert (small.stage1.steps, small.stage1.batch_size, small.stage1.bf16) == (3, 2, False)
     assert small.stage2.lr == cfg.stage2.lr and small.method == cfg.method and small.data.images == cfg.data.images
+
+
+@pytest.mark.parametrize("preset", ["imagenet-vitl14", "hf-clip-l14", "shapes"])
+def test_dry_run_caps_searles_oti_budget_and_the_preset_keeps_its_own(preset):
+    """OTI inverts every training image for hundreds of steps before the first stage step; a dry run of a SEARLE
+    preset on the Shapes world ran past 15 minutes inside it, so the dry run caps OTI as it caps the stages."""
+    cfg = load_run_config("searle", preset)
+    small = dry_run_config(cfg, DryRun(steps=3, batch_size=2, limit=5))
+    assert small.method.oti.steps == min(cfg.method.oti.steps, 3)
+    assert small.method.oti_images == (min(cfg.method.oti_images, 5) if cfg.method.oti_images else 5)
+    assert small.method.oti.lr == cfg.method.oti.lr and small.method.concepts == cfg.method.concepts
+    assert to_dict(load_run_config("searle", preset)) == to_dict(cfg)  # the preset itself is unchanged
 
 
 def test_dry_run_swaps_a_multimodal_llm_for_a_tiny_one(tmp_path):
@@ -160,6 +173,7 @@ def _data_args(preset: str, method: str, data: dict, tmp_path: Path) -> list[str
     return args
 
 
+@pytest.mark.integration  # `cirlab train --dry-run` end to end
 @pytest.mark.parametrize(
     ("preset", "method"),
     [pytest.param(p, m, marks=[pytest.mark.slow] if (p, m) in SLOW_DRY_RUNS else []) for p, m in CORPUS_PRESETS],

@@ -21,7 +21,6 @@ from cirlab.config import from_dict, to_dict
 from cirlab.data.shapes import (
     EXACT_KINDS,
     OPEN_KINDS,
-    CaptionCorpus,
     CircoConfig,
     CirrConfig,
     CorpusConfig,
@@ -29,6 +28,7 @@ from cirlab.data.shapes import (
     Scene,
     SceneConfig,
     ShapesConfig,
+    ShapesCorpus,
     SyntheticConfig,
     TemplateMatcher,
     benchmark_template_ids,
@@ -45,7 +45,7 @@ from cirlab.data.shapes import (
 )
 from cirlab.data.shapes.edits import one_step_edits, referring_forms
 from cirlab.data.shapes.queries import sample_circo_query, sample_cirr_query
-from cirlab.registry import DATASETS
+from cirlab.registry import BENCHMARKS
 
 CIRR_SPLITS = ("train", "val", "test1")
 CIRR_KEYS = {"pairid", "reference", "target_hard", "target_soft", "caption", "img_set"}
@@ -353,7 +353,7 @@ def test_circo_files_follow_the_format_and_ground_truth_is_exact(world, split):
 
 def test_caption_corpus_gives_fresh_phrasings(world):
     corpus = world.corpus()
-    assert isinstance(corpus, CaptionCorpus) and len(corpus) == world.config.corpus.images
+    assert isinstance(corpus, ShapesCorpus) and len(corpus) == world.config.corpus.images
     assert corpus.images.shape == (len(corpus), 64, 64, 3) and corpus.images.dtype == np.uint8
     stream = corpus.pairs(random.Random(0))
     pairs = [next(stream) for _ in range(50)]
@@ -383,7 +383,7 @@ def test_synthetic_corruption_is_nested_and_sized(world):
 
 @pytest.mark.parametrize("split", ["train", "val", "test1", "circo-val", "circo-test"])
 def test_registered_loader_reads_every_split(world, split):
-    split_data = DATASETS.get("shapes")(world.root, split=split, check_images=True)
+    split_data = BENCHMARKS.get("shapes")(world.root, split=split, check_images=True)
     assert split_data.queries and split_data.gallery
     assert all({"heldout_template", "heldout_combo", "edit_type"} <= set(q.extra) for q in split_data.queries)
 

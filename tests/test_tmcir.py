@@ -326,7 +326,7 @@ def test_an_interrupted_run_resumes_without_regenerating(world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pt.generate_pseudo_targets(crashing, requests, out, batch_size=7)
     first = crashing.generated
-    assert len(first) == 14 and len(pt.read_manifest(out)) == 14
+    assert len(first) == 14 and len(pt.read_pseudo_targets(out)) == 14
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     # A crash mid-append leaves a torn last line: it is ignored, and nothing else is lost.
     with (out / pt.MANIFEST_FILE).open("a") as f:
@@ -375,7 +375,7 @@ def test_cli_generates_into_the_cache_training_reads(world, capsys):
     out = capsys.readouterr().out
     assert "5 pseudo-targets (shapes-renderer" in out
     generator = pt.ShapesRendererGenerator.for_world(world, noise=0.1)
-    assert len(pt.read_manifest(pt.shapes_pseudo_dir(world, generator, 7))) == 5
+    assert len(pt.read_pseudo_targets(pt.shapes_pseudo_dir(world, generator, 7))) == 5
 
 
 # ------------------------------------------------------------------------------------------------------ diffusers

@@ -18,7 +18,8 @@ __all__ = [
     "create_backbone",
     "create_method",
     "list_backbones",
-    "list_datasets",
+    "list_benchmarks",
+    "list_corpora",
     "list_methods",
     "load_index",
 ]
@@ -66,8 +67,15 @@ def list_methods(pattern: str = "*") -> list[str]:
     return METHODS.list(pattern)
 
 
-def list_datasets(pattern: str = "*") -> list[str]:
-    """Names of the registered datasets."""
-    from cirlab.data import DATASETS
+def list_benchmarks(pattern: str = "*") -> list[str]:
+    """Names of the registered benchmarks (what ``cirlab eval --dataset`` evaluates on)."""
+    from cirlab.data import BENCHMARKS
 
-    return DATASETS.list(pattern)
+    return BENCHMARKS.list(pattern)
+
+
+def list_corpora(pattern: str = "*") -> list[str]:
+    """Names of the registered training-corpus formats (what ``cirlab train --data`` reads)."""
+    from cirlab.data import CORPORA
+
+    return CORPORA.list(pattern)

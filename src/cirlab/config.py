@@ -8,6 +8,7 @@ error that names the key instead of a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -17,6 +18,9 @@ from typing import Any, TypeVar
 from cirlab.io import atomic_write_text
 
 C = TypeVar("C")
+
+BUDGET = "budget"
+"""Field-metadata key marking a compute budget (``budget_field``): ``"steps"`` or ``"items"``."""
 
 
 class ConfigError(ValueError):
@@ -207,3 +211,43 @@ def save_config(cfg: Any, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     else:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def budget_field(default: int, kind: str) -> Any:
+    """A dataclass field holding a compute budget that a dry run may cap (``shrink_budgets``).
+
+    Args:
+        default: the field's default.
+        kind: ``"steps"`` (optimisation steps: capped at the dry run's steps) or ``"items"`` (how many items are
+            processed, 0 meaning all of them: capped at the dry run's sample limit).
+    """
+    if kind not in ("steps", "items"):
+        raise ValueError(f"budget kind must be 'steps' or 'items', got {kind!r}")
+    return dataclasses.field(default=default, metadata={BUDGET: kind})
+
+
+def shrink_budgets(cfg: C, steps: int, items: int) -> C:
+    """A copy of the dataclass ``cfg`` (nested dataclasses included) with every ``budget_field`` capped: ``steps``
+    fields at ``steps``, ``items`` fields at ``items`` (an ``items`` value of 0, meaning all, becomes ``items``).
+    Anything that is not a dataclass is returned as it is."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        return cfg
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        kind = f.metadata.get(BUDGET)
+        if kind == "steps":
+            changes[f.name] = min(value, steps)
+        elif kind == "items":
+            changes[f.name] = min(value, items) if value else items
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = shrink_budgets(value, steps, items)
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_digest(obj: Any, length: int = 12) -> str:
+    """A short SHA-1 of a JSON-able value (configs as ``to_dict`` gives them, ids, seeds): the name of a
+    content-addressed folder, equal whenever the value is. Values JSON cannot encode enter as ``str(value)``."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]

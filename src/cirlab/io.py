@@ -144,12 +144,58 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
+class FileLock:
+    """An exclusive ``fcntl.flock`` on a lock file (created if needed): one process at a time holds it.
+
+    The lock is released by ``release``, or when the holder exits or is killed, so a crash never leaves it taken.
+    The holder's pid is written into the file, for the message another process gets. Use ``file_lock`` for a
+    block; hold a ``FileLock`` itself when the lock outlives a call (a claim on work, released once it is done).
+
+    Args:
+        path: the lock file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._file: Any = None
+
+    def acquire(self, wait: bool = True) -> bool:
+        """Takes the lock, waiting for its holder when ``wait``; without waiting, returns False when it is held."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 (held open while the lock is: closing it releases the flock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+        except BlockingIOError:
+            f.close()
+            return False
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as the message to a waiting process says it (``process 1234``)."""
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid.isdigit() else "another process"
+
+    def release(self) -> None:
+        """Lets go of the lock (a no-op when not held)."""
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, wait: bool = True, purpose: str = "") -> Iterator[None]:
-    """Holds an exclusive ``fcntl.flock`` on ``path`` (created if needed) for the block: one process at a time.
-
-    The lock is released when the holder exits or is killed, so a crash never leaves it taken. The holder's pid is
-    written into the file, for the message another process gets.
+    """Holds a ``FileLock`` on ``path`` for the block: one process at a time.
 
     Args:
         path: the lock file.
@@ -159,25 +205,15 @@ def file_lock(path: str | os.PathLike, wait: bool = True, purpose: str = "") -> 
     Raises:
         LockHeldError: ``wait`` is False and another process holds the lock.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            who = f"process {holder}" if holder.isdigit() else "another process"
-            raise LockHeldError(
-                f"{path}: {who} holds this lock{f' ({purpose})' if purpose else ''}; wait for it to finish"
-            ) from None
-        try:
-            f.truncate(0)
-            f.write(str(os.getpid()))
-            f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    if not lock.acquire(wait):
+        raise LockHeldError(
+            f"{lock.path}: {lock.holder()} holds this lock{f' ({purpose})' if purpose else ''}; wait for it to finish"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def regular_file_error(path: str | os.PathLike, st: os.stat_result) -> str | None:

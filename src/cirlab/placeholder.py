@@ -8,7 +8,7 @@ lives here so no other file hard-codes a token id.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,18 @@ def fill_prompt(template: str, text: str = "") -> str:
     if template.count(PLACEHOLDER) != 1:
         raise ValueError(f"prompt template {template!r} must contain the placeholder {PLACEHOLDER!r} exactly once")
     return template.replace("{text}", text.strip()).strip()
+
+
+def placeholder_token_id(tokenizer: Any) -> int:
+    """The single token id a (Hugging Face) tokenizer gives the placeholder: what a backbone splices at.
+
+    Raises:
+        ValueError: the tokenizer splits the placeholder into several tokens.
+    """
+    ids = tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(ids)} tokens: {ids}")
+    return int(ids[0])
 
 
 def placeholder_positions(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Name -> constructor registries: the public vocabulary of backbones, methods, datasets and text generators.
+"""Name -> constructor registries: the public vocabulary of backbones, methods, benchmarks, corpora and text
+generators.
 
 A registry is the only module-level state cirlab keeps (STYLE.md rule 9). Names are what the CLI offers as
 choices, what configs store and what the contract tests iterate over.
@@ -69,6 +70,10 @@ class Registry(Generic[T]):
 
 BACKBONES: Registry = Registry("backbone")
 METHODS: Registry = Registry("method")
-DATASETS: Registry = Registry("dataset")
+BENCHMARKS: Registry = Registry("benchmark")
+"""Benchmark loaders, ``load(annotations_dir, image_root=None, split="val", **options) -> CIRSplit``: what
+``cirlab eval --dataset`` and ``cirlab.data.load_splits`` accept."""
+CORPORA: Registry = Registry("corpus")
+"""Training-corpus readers (image folders, webdataset shards, caption files, triplet JSONL): what ``--data`` reads."""
 CAPTIONERS: Registry = Registry("captioner")
 REWRITERS: Registry = Registry("rewriter")

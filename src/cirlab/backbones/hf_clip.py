@@ -23,19 +23,11 @@ from torch import nn
 
 from cirlab.backbones.transforms import ImageTransform
 from cirlab.io import create_temp_dir, replace_dir
-from cirlab.placeholder import PLACEHOLDER
+from cirlab.placeholder import placeholder_token_id
 from cirlab.registry import BACKBONES
 from cirlab.types import ImageFeatures, TextFeatures, TokenBatch
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
-
-
-def _placeholder_id(tokenizer: Any) -> int:
-    """The single token id the tokenizer gives the placeholder; raises when it splits into several."""
-    ids = tokenizer(PLACEHOLDER, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"the tokenizer splits the placeholder {PLACEHOLDER!r} into {len(ids)} tokens: {ids}")
-    return int(ids[0])
 
 
 def _no_cache(create_causal_mask: Any) -> dict[str, None]:
@@ -81,7 +73,7 @@ class HFCLIPBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_transform = transform
         self.name = name
-        self.placeholder_token_id = _placeholder_id(tokenizer)
+        self.placeholder_token_id = placeholder_token_id(tokenizer)
         text_cfg = model.config.text_config
         self.context_length = int(min(text_cfg.max_position_embeddings, tokenizer.model_max_length))
         self._fingerprint: str | None = None

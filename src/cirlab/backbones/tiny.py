@@ -1,13 +1,16 @@
-"""Small random-initialised CLIPs built offline: the ``tiny`` test backbone and the Shapes world's CLIP.
+"""Small random-initialised backbones built offline, for tests and dry runs: the ``tiny`` CLIP, the Shapes world's
+CLIP architecture and a tiny Qwen2.5-VL (``save_tiny_mllm``).
 
-Both are ``transformers.CLIPModel`` instances wrapped by ``HFCLIPBackbone``, so saving one and loading it back as
-``hf-clip:<dir>`` exercises exactly the code path real checkpoints use.
+The CLIPs are ``transformers.CLIPModel`` instances wrapped by ``HFCLIPBackbone``, so saving one and loading it back
+as ``hf-clip:<dir>`` exercises exactly the code path real checkpoints use; the tiny Qwen2.5-VL is saved as a
+transformers directory and loads as ``mllm:<dir>`` the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,3 +131,59 @@ def tiny(weights: str | None = None, seed: int = 0, **overrides: Any) -> HFCLIPB
     if weights:
         raise ValueError("the 'tiny' backbone is random-initialised and takes no weights; use hf-clip:<dir>")
     return build_small_clip(SmallCLIPConfig(**overrides), BASIC_CORPUS.split(" . "), seed=seed, name="tiny")
+
+
+def save_tiny_mllm(path: str | Path, seed: int = 0) -> Path:
+    """Saves a tiny random Qwen2.5-VL to ``path`` (loads as ``mllm:<path>``): for tests and dry runs, offline.
+
+    2 + 2 layers (vision tower, LLM), hidden size 64, 56 px images (one 2 x 2 merged token block), a small BPE
+    tokenizer with Qwen's vision tokens and the PIL image processor; built in about a second on a CPU.
+
+    Args:
+        path: the directory to write (created if needed).
+        seed: seed of the random weights (the global torch generator is left as it was).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from cirlab.backbones.mllm_space import VISION_TOKENS
+
+    path = Path(path)
+    tokenizer = train_bpe_tokenizer([BASIC_CORPUS], vocab_size=300, max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
+    start, end, pad = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "fullatt_block_indexes": [1],
+        "window_size": 56,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        image_token_id=pad,
+        video_token_id=pad,
+    )
+    # Random init draws from the global generator; forking it keeps the caller's stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56).save_pretrained(path)
+    return path

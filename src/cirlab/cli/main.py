@@ -42,7 +42,7 @@ def _root(
 
 @app.command("list")
 def list_cmd() -> None:
-    """List registered backbones, methods, datasets, captioners and rewriters, one section each.
+    """List registered backbones, methods, benchmarks, training corpora, captioners and rewriters, one section each.
 
     Example: `cirlab list`
     """
@@ -52,7 +52,8 @@ def list_cmd() -> None:
     for title, names in (
         ("backbones", cirlab.list_backbones()),
         ("methods", cirlab.list_methods()),
-        ("datasets", cirlab.list_datasets()),
+        ("benchmarks", cirlab.list_benchmarks()),
+        ("corpora", cirlab.list_corpora()),
         ("captioners", CAPTIONERS.list()),
         ("rewriters", REWRITERS.list()),
     ):

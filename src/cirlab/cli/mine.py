@@ -38,11 +38,11 @@ def mine_triplets_cmd(
     Example: `cirlab mine-triplets /data/cc3m/{00000..00331}.tar --out runs/cc3m-triplets.jsonl`
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from cirlab.data.corpora import ImageFolderCorpus, ShardContext, SkipCounter, open_image_corpus
     from cirlab.data.mining import EDIT_TYPES, Caption, MiningOptions, mine_triplets
+    from cirlab.progress import progress_bar
 
     options = MiningOptions(partitions=partitions, max_pairs_per_key=max_pairs_per_key)
     if edit_types:
@@ -71,7 +71,7 @@ def mine_triplets_cmd(
     if not captions:
         raise typer.BadParameter(f"{source.describe()}: no captions to mine", param_hint="CORPUS")
     typer.echo(f"mining {len(captions)} captions of {source.describe()}")
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = progress_bar()
     tasks: dict[str, int] = {}
 
     def progress(phase: str, done: int, total: int | None) -> None:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-SHAPES_ROOT = Path("runs/shapes")
+from cirlab.experiments import SHAPES_ROOT
+
 _GENERATIONS_HELP = (
     "Generated-text cache (JSONL) of methods that run a captioner or a language model (cirevl, ldre, osrcir); "
     "default: the user cache, ~/.cache/cirlab/generations.jsonl."
@@ -45,15 +46,9 @@ def printable(text: str) -> str:
 
 
 def _progress(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from cirlab.progress import progress_bar
 
     class ThroughputColumn(TextColumn):
         """Images per second over the encoding so far."""
@@ -64,16 +59,7 @@ def _progress(console):
             speed = task.finished_speed or task.speed
             return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="cyan")
 
-    return Progress(
-        TextColumn("encoding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        ThroughputColumn(""),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+    return progress_bar(TaskProgressColumn(), ThroughputColumn(""), TimeElapsedColumn(), console=console)
 
 
 @index_app.command("build")

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from cirlab.experiments import SHAPES_ROOT
+
 
 def shapes_generate_cmd(
     out_dir: Annotated[Path, typer.Argument(help="World directory to create (reused when it holds the same world).")],
@@ -80,7 +82,7 @@ def shapes_calibrate_cmd(
     ),
     quick: Annotated[bool, typer.Option("--quick", help="The quick world (held to the order checks only).")] = False,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per trained row.")] = 3,
-    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = Path("runs/shapes"),
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = SHAPES_ROOT,
     runs: Annotated[Path, typer.Option("--runs", help="Trained runs (shared with the demo).")] = Path(
         "runs/demo/methods"
     ),

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-_ROOT = Path("runs/shapes")
+from cirlab.experiments import SHAPES_ROOT
+
 TRAIN_LOCK = ".cirlab-train.lock"
 """Held (``flock``) in a checkpoint directory while ``cirlab train`` writes into it."""
 
@@ -90,7 +91,7 @@ def demo_cmd(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the world and every method.")] = False,
-    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = SHAPES_ROOT,
     pretrain: Annotated[
         bool, typer.Option("--pretrain", help="Pretrain the Shapes CLIP instead of using the shipped one.")
     ] = False,
@@ -186,7 +187,7 @@ def train_cmd(
     stage: Annotated[list[str] | None, typer.Option("--stage", help="Only these stages (repeatable).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and data order.")] = 0,
-    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = SHAPES_ROOT,
 ) -> None:
     """Train a method; writes a checkpoint directory (config.json + model.safetensors of the trained parts).
 
@@ -308,6 +309,17 @@ def _train(
             typer.echo(f"checkpoint: {out}" + (f" (trained by {world.size} processes)" if world.distributed else ""))
 
 
+def _check_benchmark(dataset: str) -> None:
+    """Refuses a ``--dataset`` that is no registered benchmark (a training corpus's name included) before anything
+    is built or loaded."""
+    from cirlab.data.benchmark import benchmark_loader
+
+    try:
+        benchmark_loader(dataset)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--dataset") from None
+
+
 def eval_cmd(
     method: Annotated[
         str | None, typer.Argument(help="Registered method (training-free) when no --checkpoint.")
@@ -326,7 +338,7 @@ def eval_cmd(
     overrides: Annotated[list[str] | None, typer.Option("--set", help=_METHOD_SET_HELP)] = None,
     generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
-    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = SHAPES_ROOT,
 ) -> None:
     """Evaluate a method on a benchmark split with ground truth; prints a table and writes JSON.
 
@@ -349,6 +361,7 @@ def eval_cmd(
 
     if (method is None) == (checkpoint is None):
         raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    _check_benchmark(dataset)
     overrides = list(overrides or [])
     if dataset == "shapes":
         from cirlab.experiments.shapes_env import prepare_shapes
@@ -425,7 +438,7 @@ def submit_cmd(
     overrides: Annotated[list[str] | None, typer.Option("--set", help=_METHOD_SET_HELP)] = None,
     generations: Annotated[Path | None, typer.Option("--generations", help=_GENERATIONS_HELP)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Shapes: the small world.")] = False,
-    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = _ROOT,
+    root: Annotated[Path, typer.Option("--root", help="Where Shapes worlds and CLIPs are kept.")] = SHAPES_ROOT,
 ) -> None:
     """Write test-server files: CIRR test1 (recall and recall_subset) or CIRCO test, validated before writing.
 
@@ -441,6 +454,7 @@ def submit_cmd(
 
     if (method is None) == (checkpoint is None):
         raise typer.BadParameter("give either a METHOD (training-free) or --checkpoint DIR")
+    _check_benchmark(dataset)
     overrides = list(overrides or [])
     if dataset == "shapes":
         from cirlab.experiments.shapes_env import prepare_shapes

@@ -1,6 +1,6 @@
 """The common representation of a CIR benchmark split: what every loader returns and the evaluator consumes.
 
-A loader (``cirlab.data.cirr``, ``fashioniq``, ``circo``, registered in ``DATASETS``) reads the upstream annotation
+A loader (``cirlab.data.cirr``, ``fashioniq``, ``circo``, registered in ``BENCHMARKS``) reads the upstream annotation
 layout described in ``shared/data/FORMATS.md`` and returns one :class:`CIRSplit`: the queries, the retrieval gallery,
 how image names map to files, and the :class:`Protocol` (the benchmark's rules) that ``cirlab.evaluation.protocols``
 applies. Every registered benchmark loader has the signature::
@@ -202,6 +202,26 @@ class CIRSplit:
         return "\n".join(lines)
 
 
+def benchmark_loader(name: str) -> Any:
+    """The registered benchmark loader called ``name``.
+
+    Raises:
+        ValueError: ``name`` is a training corpus (which has no benchmark splits) or nothing registered; the
+            message lists the benchmarks.
+    """
+    from cirlab.data import BENCHMARKS, CORPORA
+
+    if name in BENCHMARKS:
+        return BENCHMARKS.get(name)
+    known = ", ".join(BENCHMARKS.list())
+    if name in CORPORA:
+        raise ValueError(
+            f"{name!r} is a training corpus, not a benchmark: it has no queries or ground truth to evaluate on "
+            f"(train from it with `cirlab train --data ...`); benchmarks: {known}"
+        )
+    raise ValueError(f"unknown benchmark {name!r}; benchmarks: {known}")
+
+
 def load_splits(
     dataset: str,
     annotations_dir: str | Path,
@@ -221,9 +241,7 @@ def load_splits(
     Returns:
         The loaded splits (one element except for FashionIQ without ``category``).
     """
-    from cirlab.data import DATASETS
-
-    loader = DATASETS.get(dataset)
+    loader = benchmark_loader(dataset)
     if dataset == "fashioniq" and options.get("category") is None:
         options.pop("category", None)
         return [loader(annotations_dir, image_root, split, category=c, **options) for c in FASHIONIQ_CATEGORIES]

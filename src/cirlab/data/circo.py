@@ -33,7 +33,7 @@ from cirlab.data.benchmark import (
     read_json_list,
     read_json_object,
 )
-from cirlab.registry import DATASETS
+from cirlab.registry import BENCHMARKS
 
 KS = (5, 10, 25, 50)
 ASPECT_MAP_K = 10
@@ -134,7 +134,7 @@ def _parse_query(entry: Any, i: int, path: Path, gallery: dict[str, str], has_gt
     )
 
 
-@DATASETS.register("circo")
+@BENCHMARKS.register("circo")
 def load_circo(
     annotations_dir: str | Path,
     image_root: str | Path | None = None,

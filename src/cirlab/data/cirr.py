@@ -31,7 +31,7 @@ from cirlab.data.benchmark import (
     read_json_list,
     read_json_object,
 )
-from cirlab.registry import DATASETS
+from cirlab.registry import BENCHMARKS
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -95,7 +95,7 @@ def _parse_pair(entry: Any, i: int, path: Path, images: dict[str, str], has_gt: 
     )
 
 
-@DATASETS.register("cirr")
+@BENCHMARKS.register("cirr")
 def load_cirr(
     annotations_dir: str | Path,
     image_root: str | Path | None = None,

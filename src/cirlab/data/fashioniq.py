@@ -30,7 +30,7 @@ from cirlab.data.benchmark import (
     ground_truth_presence,
     read_json_list,
 )
-from cirlab.registry import DATASETS
+from cirlab.registry import BENCHMARKS
 
 CaptionJoin = Literal["forward", "reverse", "both"]
 
@@ -150,7 +150,7 @@ def _join_convention(caption_join: CaptionJoin) -> str:
     return f"query text: {join_text}, captions stripped of whitespace and '.?,', empty captions skipped"
 
 
-@DATASETS.register("fashioniq")
+@BENCHMARKS.register("fashioniq")
 def load_fashioniq(
     annotations_dir: str | Path,
     image_root: str | Path | None = None,

@@ -8,7 +8,6 @@ any study or ``cirlab demo`` reuses it; a new run first copies the finished earl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import statistics
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cirlab.config import to_dict
+from cirlab.config import config_digest, to_dict
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.experiments.shapes_env import ShapesEnv
 from cirlab.experiments.standins import prepare_standins, with_standins
@@ -31,10 +30,6 @@ from cirlab.training.run_config import load_run_config, scale_steps
 
 TEST_SPLITS = ("cirr/test1", "circo/test")
 QUICK_STEPS = 0.25
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _stage_keys(cls: Any, run_cfg: Any, identity: list[Any]) -> dict[str, str]:
@@ -49,7 +44,7 @@ def _stage_keys(cls: Any, run_cfg: Any, identity: list[Any]) -> dict[str, str]:
     for i, stage in enumerate(cls.stages):
         synthetic = synthetic or stage.data == "synthetic_triplets"
         later = set(names[i + 1 :]) | (set() if synthetic else {"synthetic"})
-        keys[stage.name] = _digest([{k: v for k, v in whole.items() if k not in later}, *identity])
+        keys[stage.name] = config_digest([{k: v for k, v in whole.items() if k not in later}, *identity], 10)
     return keys
 
 
@@ -101,7 +96,7 @@ def train_or_load(
         method_cfg = with_standins(name, run_cfg.method, prepare_standins(env, quick))
         run_cfg = dataclasses.replace(run_cfg, method=dataclasses.replace(method_cfg, seed=seed))
     identity = [env.backbone.identity(), env.world.world_id]
-    key = _digest([to_dict(run_cfg), *identity])
+    key = config_digest([to_dict(run_cfg), *identity], 10)
     run_dir = Path(runs) / f"{name}-s{seed}-{key}"
     if not cls.stages:
         method = create_method(name, env.backbone, run_cfg.method).eval()

@@ -10,7 +10,6 @@ shared feature cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -18,15 +17,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cirlab.config import from_dict, to_dict
+from cirlab.config import config_digest, from_dict, to_dict
 from cirlab.data.shapes import ShapesConfig, ShapesWorld, build_world, world_id
+from cirlab.experiments import SHAPES_ROOT
 from cirlab.features.cache import FeatureCache
 from cirlab.io import atomic_write_json
 from cirlab.training.clip_pretrain import CLIPPretrainConfig, pretrain_clip
 from cirlab.training.run_config import scale_train
 from cirlab.training.sources import ShapesSource
 
-DEFAULT_ROOT = Path("runs") / "shapes"
 QUICK_PRETRAIN = 0.1
 """Fraction of the pretraining steps ``--quick`` runs when it pretrains (a smoke test of the recipe, not a CLIP
 good enough to measure methods with)."""
@@ -41,10 +40,6 @@ class ShapesEnv:
     source: ShapesSource
     clip_metrics: dict[str, float]
     clip_dir: Path
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def clip_config(world: ShapesConfig, quick: bool = False) -> CLIPPretrainConfig:
@@ -87,7 +82,7 @@ def _pretrained(
     from cirlab.backbones.hf_clip import HFCLIPBackbone
 
     ccfg = clip_config(world.config, quick)
-    clip_dir = root / f"clip-{_digest([to_dict(ccfg), seed])}"
+    clip_dir = root / f"clip-{config_digest([to_dict(ccfg), seed])}"
     best = clip_dir / "best"
     if force and clip_dir.exists():
         shutil.rmtree(clip_dir)
@@ -104,7 +99,7 @@ def _pretrained(
 def prepare_shapes(
     quick: bool = False,
     seed: int = 0,
-    root: str | Path = DEFAULT_ROOT,
+    root: str | Path = SHAPES_ROOT,
     cache_dir: str | Path | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,

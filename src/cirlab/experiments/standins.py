@@ -19,7 +19,6 @@ report of their numbers says so. Their quality (``quality.json`` beside them) te
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import statistics
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cirlab.config import to_dict
+from cirlab.config import config_digest, to_dict
 from cirlab.data.shapes import Scene, eval_caption, sample_scene
 from cirlab.data.shapes.render import render_batch
 from cirlab.data.shapes.world import combo_filter, component_rng
@@ -82,10 +81,6 @@ def standin_config(quick: bool) -> StandInConfig:
     return cfg.scaled(QUICK_SCALE) if quick else cfg
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def prepare_standins(
     env: ShapesEnv,
     quick: bool = False,
@@ -106,7 +101,7 @@ def prepare_standins(
             500; the CIRR-format test split is measured whole).
     """
     cfg = config or standin_config(quick)
-    root = env.world.root.parent / f"standins-{_digest([env.world.world_id, to_dict(cfg)])}"
+    root = env.world.root.parent / f"standins-{config_digest([env.world.world_id, to_dict(cfg)])}"
     dirs = {role: root / role / "best" for role in ("captioner", "rewriter", "reasoner")}
     with file_lock(env.world.root.parent / ".standins.lock"):
         if force and root.exists():

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides
+from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.report import markdown_table
 from cirlab.experiments.runs import TEST_SPLITS, aggregate, evaluate_on_tests, new_results, train_or_load
-from cirlab.experiments.shapes_env import DEFAULT_ROOT, ShapesEnv, prepare_shapes
+from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS
 
@@ -208,7 +209,7 @@ def study_main(
     parser.add_argument("--out", type=Path, default=Path("runs") / f"results-{name}", help="output folder")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (mean ± std over them)")
     parser.add_argument("--quick", action="store_true", help="the small world and a quarter of the steps")
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where Shapes worlds and CLIPs are kept")
+    parser.add_argument("--root", type=Path, default=SHAPES_ROOT, help="where Shapes worlds and CLIPs are kept")
     parser.add_argument(
         "--runs", type=Path, default=None, help="where trained runs are kept (default: runs/demo/methods, shared)"
     )

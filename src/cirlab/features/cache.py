@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from cirlab.features.hashing import StatMemo, hash_bytes, hash_files
-from cirlab.io import atomic_write_json, create_temp_file, fsync_dir, read_json
+from cirlab.io import FileLock, atomic_write_json, create_temp_file, file_lock, fsync_dir, read_json
 
 if TYPE_CHECKING:
     from cirlab.distributed import World
@@ -204,13 +204,8 @@ class _Namespace:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive inter-process lock on this namespace (``fcntl.flock`` on ``.lock``)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with file_lock(self.dir / ".lock"):
+            yield
 
     def remove_stale(self) -> list[Path]:
         """Deletes what killed writers left behind; call under :meth:`lock`. Returns the removed paths.
@@ -789,29 +784,19 @@ def claim_chunks(todo: Sequence[tuple[str, int]]) -> list[tuple[str, list[tuple[
 class _Claim:
     """An ``flock`` on ``claims/<name>.lock``: this process encodes that chunk; others wait for its commit."""
 
-    def __init__(self, path: Path, f: Any) -> None:
-        self.path = path
-        self._f = f
+    def __init__(self, lock: FileLock) -> None:
+        self.path = lock.path
+        self._lock = lock
 
     @classmethod
     def take(cls, directory: Path, name: str, wait: bool) -> _Claim | None:
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{name}.lock"
-        f = open(path, "a")  # noqa: SIM115 (held until the chunk is committed)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.close()
-            return None
-        except BaseException:
-            f.close()
-            raise
-        return cls(path, f)
+        lock = FileLock(directory / f"{name}.lock")  # held until the chunk is committed
+        return cls(lock) if lock.acquire(wait) else None
 
     def release(self) -> None:
         """Lets go of the claim and removes its file (a process waiting on it re-checks what is committed)."""
         self.path.unlink(missing_ok=True)
-        self._f.close()
+        self._lock.release()
 
 
 class _EncodeRun:

@@ -26,10 +26,10 @@ from cirlab.data.corpora import (
     ShardContext,
     SkipCounter,
     Skipped,
-    decode_image_bytes,
     read_image_bytes,
     shard_context,
 )
+from cirlab.data.images import decode_image
 from cirlab.distributed import all_gather_objects, current_world
 from cirlab.features.cache import FeatureCache
 from cirlab.features.hashing import hash_bytes
@@ -180,7 +180,7 @@ class CorpusFeatures:
 
 def _decode_all(entries: Sequence[IndexEntry], threads: int) -> list[Any]:
     def decode(e: IndexEntry) -> Any:
-        return decode_image_bytes(e.read(), f"{e.path}:{e.name}")
+        return decode_image(e.read(), f"{e.path}:{e.name}")
 
     if threads <= 1 or len(entries) <= 1:
         return [decode(e) for e in entries]

@@ -37,6 +37,7 @@ from cirlab.distributed import World
 from cirlab.features.cache import CachedFeatures, FeatureCache, OnError, Progress, encoder_key
 from cirlab.features.hashing import hash_array, hash_bytes
 from cirlab.features.table import FeatureTable, PairTable
+from cirlab.progress import progress_bar
 from cirlab.types import ImageFeatures, PairEncoder
 
 STORAGE_DTYPES = {"embeds": "float32", "tokens": "float16"}
@@ -409,7 +410,7 @@ def split_features(
     names = split_image_names(split)
     if tokens is None:
         tokens = bool(getattr(model, "needs_image_tokens", False))
-    with progress_bar(progress, "encoding images") as callback:
+    with progress_callback(progress, "encoding images") as callback:
         feats = image_features(
             ImageEncoder.of(model),
             FileImages([split.image_path(n) for n in names]),
@@ -422,16 +423,13 @@ def split_features(
 
 
 @contextmanager
-def progress_bar(enabled: bool, label: str) -> Iterator[Progress | None]:
-    """A rich progress bar for the duration of the block, and its ``progress(done, total)`` callback (None when
-    not ``enabled``)."""
+def progress_callback(enabled: bool, label: str) -> Iterator[Progress | None]:
+    """The house progress bar (``cirlab.progress``) shown for the duration of the block, and its
+    ``progress(done, total)`` callback (None when not ``enabled``)."""
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bar
-
-    bar = Bar(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = progress_bar()
     task = bar.add_task(label, total=None)
     with bar:
         yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -5,7 +5,7 @@
   LLaVA, Qwen2-VL) the prompt goes through the processor, inside its chat template when it has one; a
   vision-encoder-decoder model without one reads the prompt as the start of its answer (its decoder prefix).
 - ``mllm:<hub id or dir>``: a Qwen2-VL / Qwen2.5-VL checkpoint prompted exactly as the ``mllm`` backbone prompts it
-  (``cirlab.backbones.mllm``: its chat wrapping, image marker and image sizes), with its language-model head, for
+  (``cirlab.backbones.mllm_space``: its chat wrapping, image marker and image sizes), with its language-model head, for
   OSrCIR's one-stage reasoning.
 - ``hf-rewriter:<hub id or dir>``: any causal language model with a chat template (``AutoModelForCausalLM``).
 
@@ -292,7 +292,7 @@ class MLLMCaptioner(TransformersGenerator):
     def _load(self) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        from cirlab.backbones.mllm import MLLMJointSpace, MLLMJointSpaceConfig
+        from cirlab.backbones.mllm_space import MLLMJointSpace, MLLMJointSpaceConfig
 
         kwargs = {"revision": self.revision} if self.revision else {}
         self.tokenizer = AutoTokenizer.from_pretrained(self.name, **kwargs)

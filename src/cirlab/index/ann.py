@@ -86,8 +86,9 @@ def sample_queries(embeddings: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return (q / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def recall_at_k(approx_scores: np.ndarray, exact_scores: np.ndarray, k: int) -> float:
-    """Tie-tolerant recall@k: the fraction of approximate top-k hits scoring at least the exact k-th score.
+def ann_recall_at_k(approx_scores: np.ndarray, exact_scores: np.ndarray, k: int) -> float:
+    """Tie-tolerant recall@k of approximate search against exact search: the fraction of approximate top-k hits
+    scoring at least the exact k-th score (not the benchmark metric, ``cirlab.evaluation.metrics.recall_at_k``).
 
     Args:
         approx_scores: (Q, >=k) scores of the approximate hits (missing hits as -inf).
@@ -154,7 +155,7 @@ def build_ann(
         else:
             index.nprobe = value
         scores, _ = index.search(queries, k)
-        recall = recall_at_k(scores, exact, k)
+        recall = ann_recall_at_k(scores, exact, k)
         tuning.append({knob: float(value), "recall": recall})
         if log is not None:
             log(f"{config.kind} {knob}={value}: recall@{k} {recall:.4f}")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cirlab.config import budget_field
 from cirlab.methods.base import CIRMethod, Stage, register_method
 from cirlab.modules.losses import nt_xent
 from cirlab.modules.mappers import SearlePhi
@@ -51,7 +52,7 @@ class SearleConfig:
     normalize_input: feed ``phi`` the L2-normalised image embedding (the public code feeds the raw one).
     temperature: NT-Xent temperature of the distillation loss (in token space).
     lambda_distil: weight of the distillation loss. lambda_gpt: weight of the phrase loss.
-    oti_images: distil from the first N training images' OTI tokens (0: every image).
+    oti_images: distil from the first N training images' OTI tokens (0: every image); a dry run caps it.
     oti: the teacher's OTI settings. concepts: concept vocabulary and phrases (teacher and phrase loss).
     top_k_concepts: the phrase loss draws its concept from the image's top N (``concepts.top_k`` is OTI's).
     prompt: query prompt (``{text}`` = modification). first_placeholder_only: splice the token at the first ``$``.
@@ -64,7 +65,7 @@ class SearleConfig:
     temperature: float = 0.25
     lambda_distil: float = 1.0
     lambda_gpt: float = 0.75
-    oti_images: int = 0
+    oti_images: int = budget_field(0, "items")
     oti: OTIConfig = field(default_factory=OTIConfig)
     concepts: ConceptConfig = field(default_factory=ConceptConfig)
     top_k_concepts: int = 150

@@ -5,7 +5,7 @@
 - ``CLIPJointSpace``: a dual encoder's space, ``z(I) = v``, ``z(T) = t``, ``z(I, T) = norm(v + t)`` (unit ``v``,
   ``t``). It reads cached image features (``ImageFeatures`` or raw embeddings), so training never re-encodes
   images, and keeps the (frozen) text tower's embeddings in memory per distinct string.
-- ``MLLMJointSpace`` (defined in ``cirlab.backbones.mllm``, re-exported here): a multimodal LLM through
+- ``MLLMJointSpace`` (defined in ``cirlab.backbones.mllm_space``, re-exported here): a multimodal LLM through
   transformers. Image, text and pair are each wrapped in a prompt inside the model's chat format; ``z`` is the
   final hidden state of the last token, L2-normalised (Qwen2-VL, Qwen2.5-VL). The ``mllm`` backbone serves this
   space's ``z(I)`` and ``z(T)`` as backbone features, so ``CLIPJointSpace`` over it is the multimodal-LLM space
@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from cirlab.backbones.mllm import SUPPORTED_MLLMS, MLLMJointSpace, MLLMJointSpaceConfig
+from cirlab.backbones.mllm_space import SUPPORTED_MLLMS, MLLMJointSpace, MLLMJointSpaceConfig
 from cirlab.types import ImageFeatures
 
 __all__ = ["SUPPORTED_MLLMS", "CLIPJointSpace", "JointSpace", "MLLMJointSpace", "MLLMJointSpaceConfig"]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cirlab.config import budget_field
 from cirlab.modules.pseudo_word import encode_with_pseudo, text_embeds
 from cirlab.placeholder import PLACEHOLDER
 
@@ -92,7 +93,7 @@ class OTIConfig:
     """Optimization-based Textual Inversion settings (defaults: SEARLE's ``oti_inversion.py``).
 
     Attributes:
-        steps: optimisation steps per image (SEARLE: 350).
+        steps: optimisation steps per image (SEARLE: 350); a dry run caps it.
         lr: AdamW learning rate of the token.
         weight_decay: AdamW weight decay of the token.
         ema_decay: the returned token is this EMA of the optimised one.
@@ -104,7 +105,7 @@ class OTIConfig:
         seed: seed of the initial token and of the template and phrase draws.
     """
 
-    steps: int = 350
+    steps: int = budget_field(350, "steps")
     lr: float = 2e-2
     weight_decay: float = 0.01
     ema_decay: float = 0.99

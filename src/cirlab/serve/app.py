@@ -42,7 +42,7 @@ import anyio
 from PIL import Image
 
 from cirlab._optional import require
-from cirlab.data.images import ImageReadError, ImageTooLargeError, decode_image, to_rgb
+from cirlab.data.images import ImageReadError, ImageTooLargeError, decode_image
 from cirlab.features.hashing import hash_bytes
 
 # FastAPI reads endpoint signatures at runtime, so this module keeps real (not postponed) annotations and imports
@@ -309,14 +309,9 @@ class _SingleFlight:
             event.set()
 
 
-def _thumbnail(f: Any, max_pixels: int) -> bytes:
+def _thumbnail(f: Any, name: str, max_pixels: int) -> bytes:
     """A JPEG thumbnail of an open image file, decoding as little as the format allows."""
-    with Image.open(f) as im:
-        im.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-        if im.width * im.height > max_pixels:
-            raise ImageTooLargeError(f"{im.width} x {im.height} pixels is over the {max_pixels:,}-pixel limit")
-        im.load()
-        small = to_rgb(im)
+    small = decode_image(f, name, max_pixels, draft=THUMB_SIZE)
     small.thumbnail((THUMB_SIZE, THUMB_SIZE))
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=88)
@@ -445,7 +440,7 @@ def create_app(
 
         def make() -> bytes:
             with open_item(item_id) as f:
-                return _thumbnail(f, max_pixels)
+                return _thumbnail(f, f"gallery image {item_id}", max_pixels)
 
         try:
             data = thumbnails.get(digest or f"missing-{item_id}", make)

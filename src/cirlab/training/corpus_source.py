@@ -35,7 +35,7 @@ from cirlab.features.images import FileImages, ImageEncoder, cached_pair_table, 
 from cirlab.features.table import FeatureTable
 from cirlab.methods.base import DataRequest
 from cirlab.training.data import PixelTable, Triplet
-from cirlab.training.run_config import BENCHMARKS, DataOptions, SyntheticOptions
+from cirlab.training.run_config import TRAINING_BENCHMARKS, DataOptions, SyntheticOptions
 from cirlab.training.sources import Server, SplitSource, StageData, file_pixels
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ class CorpusSource(SplitSource):
     def __init__(
         self, options: DataOptions, cache: FeatureCache, rank: int | None = None, world_size: int | None = None
     ) -> None:
-        if options.benchmark and options.benchmark not in BENCHMARKS:
-            raise ValueError(f"data.benchmark must be one of {', '.join(BENCHMARKS)}, got {options.benchmark!r}")
+        if options.benchmark and options.benchmark not in TRAINING_BENCHMARKS:
+            raise ValueError(
+                f"data.benchmark must be one of {', '.join(TRAINING_BENCHMARKS)}, got {options.benchmark!r}"
+            )
         self.options = options
         self.cache = cache
         self.rank, self.world_size = rank, world_size
@@ -86,7 +88,7 @@ class CorpusSource(SplitSource):
         if name not in self._splits:
             family, _, rest = name.partition("/")
             split, _, category = rest.partition("/")
-            if family not in BENCHMARKS or not split:
+            if family not in TRAINING_BENCHMARKS or not split:
                 raise KeyError(f"unknown split {name!r}; use cirr/<split> or fashioniq/<split>/<category>")
             if not self.options.annotations:
                 raise ValueError(f"split {name!r} needs data.annotations (the {family} annotation root)")

@@ -41,6 +41,7 @@ from cirlab.distributed import (
 )
 from cirlab.io import atomic_path, atomic_write_json, remove_stale_temporaries
 from cirlab.modules.ema import EMA
+from cirlab.progress import progress_bar
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "metrics.csv"
@@ -413,16 +414,9 @@ class _progress:
     def __init__(self, enabled: bool, description: str, total: int, start: int) -> None:
         self.bar = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import TextColumn
 
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
+            self.bar = progress_bar(TextColumn("loss {task.fields[loss]:.4f}"))
             self.task = self.bar.add_task(description, total=total, completed=start, loss=float("nan"))
             self.bar.start()
 

@@ -21,10 +21,10 @@ from cirlab.methods import METHODS
 from cirlab.methods.base import CIRMethod
 from cirlab.training.loop import TrainConfig
 
-BENCHMARKS = ("cirr", "fashioniq")
+TRAINING_BENCHMARKS = ("cirr", "fashioniq")
 """Benchmarks whose train split a run can train on (``data.benchmark``)."""
 
-DATASET_CHOICES = ("auto", "shapes", "corpus", "imagefolder", "webdataset", *BENCHMARKS)
+DATASET_CHOICES = ("auto", "shapes", "corpus", "imagefolder", "webdataset", *TRAINING_BENCHMARKS)
 RESERVED = {"seed", "backbone", "method", "synthetic", "data"}
 
 
@@ -160,7 +160,7 @@ def resolve_dataset(
         raise ValueError(f"unknown training dataset {dataset!r}; choose from {', '.join(DATASET_CHOICES)}")
     data = run_cfg.data
     changes: dict[str, Any] = {}
-    if dataset in BENCHMARKS:
+    if dataset in TRAINING_BENCHMARKS:
         changes["benchmark"] = dataset
     if annotations is not None:
         changes["annotations"] = str(annotations)

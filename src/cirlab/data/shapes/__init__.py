@@ -3,9 +3,9 @@
 Scenes of 1 to 4 coloured shapes on a 3x3 grid are rendered with PIL; edits (add, remove, recolour, reshape,
 resize, move, and under-specified variants) have checkable semantics; ``build_world`` writes CIRR- and
 CIRCO-format benchmarks with held-out templates and (colour, shape) combinations, an image-caption corpus and a
-separate synthetic triplet set for the zero-shot methods. See ``splits.py`` for the directory layout.
+separate synthetic triplet set for the zero-shot methods. See ``shapes_world.py`` for the directory layout.
 
-Registered as dataset ``"shapes"``: ``DATASETS.get("shapes")`` is ``load_shapes(world_dir, image_root=None,
+Registered as benchmark ``"shapes"``: ``BENCHMARKS.get("shapes")`` is ``load_shapes(world_dir, image_root=None,
 split="val", **options) -> CIRSplit``, the same signature as the ``cirr`` and ``circo`` loaders (splits ``train``,
 ``val``, ``test1`` in CIRR format, ``circo-val``, ``circo-test`` in CIRCO format). ``build_world`` makes the
 world directory first.
@@ -19,7 +19,7 @@ Example:
 """
 
 from cirlab.data.shapes.captions import KEYWORDS, caption, eval_caption
-from cirlab.data.shapes.corpus import CaptionCorpus
+from cirlab.data.shapes.corpus import ShapesCorpus
 from cirlab.data.shapes.edits import (
     BENCHMARK_TEMPLATES,
     EXACT_KINDS,
@@ -36,7 +36,7 @@ from cirlab.data.shapes.edits import (
 )
 from cirlab.data.shapes.loader import load_shapes, query_groups
 from cirlab.data.shapes.render import render_image, render_scene
-from cirlab.data.shapes.splits import (
+from cirlab.data.shapes.shapes_world import (
     CODE_VERSION,
     ShapesWorld,
     build_world,
@@ -61,9 +61,9 @@ from cirlab.data.shapes.world import (
     SyntheticConfig,
     sample_scene,
 )
-from cirlab.registry import DATASETS
+from cirlab.registry import BENCHMARKS
 
-DATASETS.add("shapes", load_shapes)
+BENCHMARKS.add("shapes", load_shapes)
 
 __all__ = [
     "BENCHMARK_TEMPLATES",
@@ -76,7 +76,6 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SYNTHETIC_TEMPLATES",
-    "CaptionCorpus",
     "CircoConfig",
     "CirrConfig",
     "CorpusConfig",
@@ -86,6 +85,7 @@ __all__ = [
     "SceneConfig",
     "ShapeObject",
     "ShapesConfig",
+    "ShapesCorpus",
     "ShapesWorld",
     "SyntheticConfig",
     "TemplateMatcher",

@@ -8,7 +8,7 @@ image, in array order::
      "captions": ["top left: a big red circle, middle: a little blue square", ...],
      "eval_caption": "a large red circle at the top left and a small blue square at the center"}
 
-``scene`` lets a trainer draw a fresh phrasing at every step (``CaptionCorpus.pairs``). Captions are alt-text-like
+``scene`` lets a trainer draw a fresh phrasing at every step (``ShapesCorpus.pairs``). Captions are alt-text-like
 by default (complete or partial descriptions, ``alttext.py``), as a web corpus's are; ``CorpusConfig.caption_style``
 ``scene`` keeps complete scene captions only. No corpus scene holds a held-out combination.
 """
@@ -30,7 +30,7 @@ from cirlab.data.shapes.world import Scene, ShapesConfig, component_rng, sample_
 
 
 @dataclass
-class CaptionCorpus:
+class ShapesCorpus:
     """Images and their scenes, with captions drawn on demand.
 
     Attributes:
@@ -67,7 +67,7 @@ class CaptionCorpus:
                 yield self.images[i], self.caption(i, rng)
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = True, style: str = "alt-text") -> CaptionCorpus:
+    def load(cls, directory: str | Path, mmap: bool = True, style: str = "alt-text") -> ShapesCorpus:
         """Reads ``images.npy`` (memory-mapped by default) and ``captions.jsonl`` from ``directory``."""
         directory = Path(directory)
         images = np.load(directory / "images.npy", mmap_mode="r" if mmap else None)

@@ -1,6 +1,6 @@
 """The ``shapes`` dataset loader: a built world's benchmark splits through the CIRR and CIRCO loaders.
 
-Registered in ``DATASETS`` with the signature every benchmark loader has
+Registered in ``BENCHMARKS`` with the signature every benchmark loader has
 (``load(annotations_dir, image_root=None, split="val", **options) -> CIRSplit``). ``annotations_dir`` is the world
 directory; ``split`` is ``train``, ``val`` or ``test1`` for the CIRR-format benchmark, ``circo-val`` or
 ``circo-test`` for the CIRCO-format one. Each query's ``extra`` gains the Shapes metadata (``heldout_template``,

@@ -50,7 +50,7 @@ _MAX_ATTEMPTS = 200
 
 
 @dataclass(frozen=True)
-class Query:
+class ShapesQuery:
     """One benchmark query.
 
     Attributes:
@@ -290,7 +290,7 @@ def sample_cirr_query(
     focus_pool: Sequence[Combo],
     heldout_template: bool,
     n_distractors: int = 4,
-) -> Query:
+) -> ShapesQuery:
     """A CIRR-style query: exact edit, one target, ``n_distractors`` hard negatives.
 
     Args:
@@ -325,7 +325,7 @@ def sample_circo_query(
     max_gts: int,
     n_distractors: int,
     forbidden: Collection[Scene] = frozenset(),
-) -> Query:
+) -> ShapesQuery:
     """A CIRCO-style query: open edit, 1 to ``max_gts`` rendered ground truths (mostly several), near misses.
 
     An open edit may be satisfied by scenes with held-out combinations even when the query is seen ("give the
@@ -369,7 +369,7 @@ def _sample_query(
     focus_pool: Sequence[Combo],
     heldout_template: bool,
     targets_and_distractors: Callable[[Scene, Edit, Combo | None], _Outcome | None],
-) -> Query:
+) -> ShapesQuery:
     """Draws (focus, reference, edit) until ``targets_and_distractors`` accepts one, then verbalises the edit.
 
     The two benchmark formats share this loop and differ only in how targets and distractors are chosen; the order of
@@ -386,7 +386,7 @@ def _sample_query(
             continue
         targets, distractors, all_targets = outcome
         template = choose_template(rng, kind, heldout_templates, heldout_template)
-        return Query(
+        return ShapesQuery(
             reference=reference,
             edit=edit,
             verbalised=verbalise(edit, reference, template, rng),
