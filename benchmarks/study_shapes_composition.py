@@ -17,17 +17,16 @@ docs/RESULTS.md has its table (the calibration section).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from cirlab.data.benchmark import CIRQuery, CIRSplit
-from cirlab.data.shapes import Scene, eval_caption
+from cirlab.data.benchmark import CIRQuery
+from cirlab.data.shapes import Scene
 from cirlab.data.shapes.captions import object_phrase, where_phrase
 from cirlab.data.shapes.edits import Edit
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.experiments import SHAPES_ROOT
+from cirlab.experiments.calibrate import composition_split, with_texts
 from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import prepare_shapes
 from cirlab.methods import create_method
@@ -53,11 +52,6 @@ def target_state(meta: dict, query: CIRQuery) -> str:
     return f"the {obj.colour} {obj.shape} is {where_phrase(edit.to_cell)}"  # move
 
 
-def with_texts(split: CIRSplit, text: Callable[[CIRQuery], str]) -> CIRSplit:
-    """The split with each query's text replaced by ``text(query)``."""
-    return dataclasses.replace(split, queries=[dataclasses.replace(q, text=text(q)) for q in split.queries])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick world")
@@ -79,9 +73,6 @@ def main() -> None:
         methods[name] = train_or_load(name, env, 0, args.quick, args.runs, False)[0].eval()
     features = env.source.features_for(methods["sum"], args.split)
 
-    def caption_then(text: Callable[[CIRQuery], str]) -> Callable[[CIRQuery], str]:
-        return lambda q: f"{eval_caption(Scene.parse(meta[q.qid]['reference_scene']))}, {text(q)}"
-
     def target_text(q: CIRQuery) -> str:
         return target_state(meta[q.qid], q)
 
@@ -90,7 +81,7 @@ def main() -> None:
     for label, texts in (("the world's", lambda q: q.text), ("target-state", target_text)):
         variant = with_texts(split, texts)
         rows = [(name, methods[name], variant) for name in ROWS]
-        rows.append((COMPOSITION, methods["text-only"], with_texts(split, caption_then(texts))))
+        rows.append((COMPOSITION, methods["text-only"], composition_split(variant, meta)))
         for name, method, sp in rows:
             result = evaluate(method, sp, features, subsets=kinds)
             cells = [f"{result.subsets[k]['recall_at_1']:.1f}" for k in kinds]

@@ -29,7 +29,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from cirlab.data.benchmark import CIRSplit
+from cirlab.data.benchmark import CIRQuery, CIRSplit
 from cirlab.data.shapes import Scene, eval_caption
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.experiments.report import chart_legend, save_percent_chart
@@ -79,21 +79,19 @@ class Check:
     passed: bool
 
 
+def with_texts(split: CIRSplit, text: Callable[[CIRQuery], str]) -> CIRSplit:
+    """The same split (gallery, targets, protocol) with each query's text replaced by ``text(query)``."""
+    return dataclasses.replace(split, queries=[dataclasses.replace(q, text=text(q)) for q in split.queries])
+
+
 def oracle_split(split: CIRSplit, meta: dict[str, dict[str, Any]]) -> CIRSplit:
     """The split with each query's text replaced by its target's canonical caption (``eval_caption``)."""
-    queries = [
-        dataclasses.replace(q, text=eval_caption(Scene.parse(meta[q.qid]["target_scene"]))) for q in split.queries
-    ]
-    return dataclasses.replace(split, queries=queries)
+    return with_texts(split, lambda q: eval_caption(Scene.parse(meta[q.qid]["target_scene"])))
 
 
 def composition_split(split: CIRSplit, meta: dict[str, dict[str, Any]]) -> CIRSplit:
     """The split with each query's text preceded by its reference's canonical caption ("<caption>, <text>")."""
-    queries = [
-        dataclasses.replace(q, text=f"{eval_caption(Scene.parse(meta[q.qid]['reference_scene']))}, {q.text}")
-        for q in split.queries
-    ]
-    return dataclasses.replace(split, queries=queries)
+    return with_texts(split, lambda q: f"{eval_caption(Scene.parse(meta[q.qid]['reference_scene']))}, {q.text}")
 
 
 def backbone_report(env: ShapesEnv, eval_scenes: int = 1000) -> dict[str, Any]:
