@@ -322,3 +322,32 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512_bf16 avx512_vnni\n\n")
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16", "avx512_vnni"}
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_bf16_pass_over_several_slices_matches_brute_force(sign):
+    """Enough queries for one filtering slice per thread, exclusions in every slice, and (sign -1) every score
+    negative, so the thresholds stay negative and the key transform is never skipped."""
+    rng = np.random.default_rng(7)
+    n_queries, n_gallery, dim, k = 300, 4000, 48, 20
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    gallery = rng.standard_normal((n_gallery, dim)).astype(np.float32)
+    if sign < 0:  # every gallery row on the far side of every query
+        gallery = -np.abs(gallery)
+        queries = np.abs(queries)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    exclude = rng.integers(-1, n_gallery, (n_queries, 3))
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bf16 = topk_inner_product(queries, gallery, k, exclude=exclude, precision="bf16", gallery_chunk=900)
+    finally:
+        torch.set_num_threads(threads)
+    own = ranking._exact_scores(queries, gallery, np.tile(np.arange(n_gallery), (n_queries, 1))).astype(np.float64)
+    for r, c in zip(*np.nonzero(exclude >= 0), strict=True):
+        own[r, exclude[r, c]] = -np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(n_gallery), own.shape), -own), axis=1)[:, :k]
+    np.testing.assert_array_equal(bf16.indices, order)
+    assert (bf16.scores < 0).all() if sign < 0 else (bf16.scores > 0).all()

@@ -34,9 +34,11 @@ torch and faiss are imported lazily; importing this module costs only numpy.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -585,6 +587,65 @@ def _pack(rows: np.ndarray, keys: np.ndarray, cols: np.ndarray, n_rows: int) -> 
     return out_keys, out_cols
 
 
+class _Candidates:
+    """The bfloat16 pass's running state for a slice of a query chunk: per query, the keys and gallery columns of
+    every item that may still be in the float32 top-k, and the key threshold below which none can be.
+
+    Queries are independent, so each slice is filtered on its own thread while the matrix product of the next
+    block waits: numpy releases the GIL in every whole-array step.
+    """
+
+    def __init__(self, rows: slice, e: np.ndarray, c: float, exclude: np.ndarray, k: int) -> None:
+        n = len(e)
+        self.rows, self.e, self.c, self.exclude, self.k = rows, e, c, exclude, k
+        self.keys = np.full((n, 0), _KEY_MIN, dtype=np.int16)  # (q, C)
+        self.cols = np.full((n, 0), -1, dtype=np.int64)  # (q, C)
+        self.threshold = np.full(n, _KEY_MIN + 1, dtype=np.int16)  # keeps everything until a k-th is known
+        self.known = np.zeros(n, dtype=bool)
+
+    def add_block(self, raw: np.ndarray, g_start: int, probe: int) -> None:
+        """Keeps the entries of one block of bfloat16 scores (``raw``: their (q, n) int16 bit patterns, which this
+        overwrites) that can still be in the top-k, and raises the thresholds."""
+        k, e, c, threshold, known = self.k, self.e, self.c, self.threshold, self.known
+        g_stop = g_start + raw.shape[1]
+        # Once every threshold is positive the raw bits order like the keys where it matters: a non-negative
+        # bfloat16's bits are its key, a negative one's are negative, below any positive threshold. The key
+        # transform of the whole block is then skipped (it cost as much as the rest of the block's filtering).
+        keys = raw if known.all() and (threshold > 0).all() else _keys(raw)
+        rows, slots = _in_block(self.exclude, g_start, g_stop)
+        keys[rows, self.exclude[rows, slots] - g_start] = _KEY_MIN
+        unknown = np.flatnonzero(~known)
+        if len(unknown):
+            kth = _kth_keys(keys[unknown, :probe], k)
+            found = kth > _KEY_MIN
+            threshold[unknown[found]] = _thresholds(kth[found], e[unknown[found]], c)
+            known[unknown[found]] = True
+        flat = np.flatnonzero(keys >= threshold[:, None])  # row-major: rows come out sorted
+        rows, cols = np.divmod(flat, g_stop - g_start)
+        new_keys, new_cols = _pack(rows, keys.ravel()[flat], cols + g_start, len(e))
+        cand_keys = np.concatenate([self.keys, new_keys], axis=1)
+        cand_cols = np.concatenate([self.cols, new_cols], axis=1)
+        kth = _kth_keys(cand_keys, k)
+        full = kth > _KEY_MIN
+        threshold[full] = np.maximum(threshold[full], _thresholds(kth[full], e[full], c))
+        known |= full
+        rows, slots = np.nonzero((cand_keys >= threshold[:, None]) & (cand_cols >= 0))
+        self.keys, self.cols = _pack(rows, cand_keys[rows, slots], cand_cols[rows, slots], len(e))
+
+    def rerank(self, queries: np.ndarray, gallery: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 top-k of the slice's queries: (q, k) scores and gallery indices."""
+        exact = _exact_scores(queries, gallery, self.cols)  # (q, C)
+        values, indices = _sort_rows(exact, self.cols)
+        return values[:, : self.k], indices[:, : self.k]
+
+
+def _slices(n: int, parts: int, least: int = 64) -> list[slice]:
+    """``n`` rows cut into at most ``parts`` contiguous slices of at least ``least`` rows (one when n is small)."""
+    parts = max(1, min(parts, n // least))
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
 def _bf16_topk(
     queries: np.ndarray,
     gallery: RankingGallery,
@@ -594,7 +655,12 @@ def _bf16_topk(
     query_chunk: int,
     gallery_chunk: int,
 ) -> SearchResult:
-    """bfloat16 scoring pass with a provably sufficient candidate set, then an exact float32 re-rank."""
+    """bfloat16 scoring pass with a provably sufficient candidate set, then an exact float32 re-rank.
+
+    torch's bfloat16 product of a whole block runs on every thread; the filtering after it and the re-rank are
+    numpy, single-threaded per call, so the query chunk is cut into one slice per torch thread and the slices are
+    filtered and re-ranked side by side.
+    """
     import torch
 
     reduced, g_norm, g_err = gallery.bf16()  # (N, d) bfloat16
@@ -602,45 +668,26 @@ def _bf16_topk(
     out_scores = np.empty((n_queries, k), dtype=np.float32)
     out_indices = np.empty((n_queries, k), dtype=np.int64)
     probe = max(2048, 4 * k)  # columns a first threshold is read from (any subset gives a valid lower bound)
-    for q_start in range(0, n_queries, query_chunk):
-        q = queries[q_start : q_start + query_chunk]  # (q, d)
-        q16 = torch.from_numpy(q).to(torch.bfloat16)
-        q_err = q16.float().numpy() - q  # exact rounding errors, (q, d)
-        q_norm = np.sqrt(np.einsum("qd,qd->q", q, q, dtype=np.float64)) * (1 + 1e-9)
-        q_err = np.sqrt(np.einsum("qd,qd->q", q_err, q_err, dtype=np.float64)) * (1 + 1e-9)
-        e, c = bf16_error_bound(q_norm, q_err, g_norm, g_err, dim)  # (q,)
-        ex = exclude[q_start : q_start + query_chunk]
-        cand_keys = np.full((len(q), 0), _KEY_MIN, dtype=np.int16)
-        cand_cols = np.full((len(q), 0), -1, dtype=np.int64)
-        threshold = np.full(len(q), _KEY_MIN + 1, dtype=np.int16)  # keeps everything until a k-th is known
-        known = np.zeros(len(q), dtype=bool)
-        for g_start in range(0, n_gallery, gallery_chunk):
-            g_stop = min(g_start + gallery_chunk, n_gallery)
-            scores = torch.mm(q16, reduced[g_start:g_stop].T)  # (q, n) bfloat16
-            keys = _keys(scores.view(torch.int16).numpy())  # (q, n) int16
-            rows, slots = _in_block(ex, g_start, g_stop)
-            keys[rows, ex[rows, slots] - g_start] = _KEY_MIN
-            unknown = np.flatnonzero(~known)
-            if len(unknown):
-                kth = _kth_keys(keys[unknown, :probe], k)
-                found = kth > _KEY_MIN
-                threshold[unknown[found]] = _thresholds(kth[found], e[unknown[found]], c)
-                known[unknown[found]] = True
-            flat = np.flatnonzero(keys >= threshold[:, None])  # row-major: rows come out sorted
-            rows, cols = np.divmod(flat, g_stop - g_start)
-            new_keys, new_cols = _pack(rows, keys.ravel()[flat], cols + g_start, len(q))
-            cand_keys = np.concatenate([cand_keys, new_keys], axis=1)
-            cand_cols = np.concatenate([cand_cols, new_cols], axis=1)
-            kth = _kth_keys(cand_keys, k)
-            full = kth > _KEY_MIN
-            threshold[full] = np.maximum(threshold[full], _thresholds(kth[full], e[full], c))
-            known |= full
-            rows, slots = np.nonzero((cand_keys >= threshold[:, None]) & (cand_cols >= 0))
-            cand_keys, cand_cols = _pack(rows, cand_keys[rows, slots], cand_cols[rows, slots], len(q))
-        exact = _exact_scores(q, gallery.embeddings, cand_cols)  # (q, C)
-        values, indices = _sort_rows(exact, cand_cols)
-        out_scores[q_start : q_start + len(q)] = values[:, :k]
-        out_indices[q_start : q_start + len(q)] = indices[:, :k]
+    threads = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(threads) as pool:
+        for q_start in range(0, n_queries, query_chunk):
+            q = queries[q_start : q_start + query_chunk]  # (q, d)
+            q16 = torch.from_numpy(q).to(torch.bfloat16)
+            q_err = q16.float().numpy() - q  # exact rounding errors, (q, d)
+            q_norm = np.sqrt(np.einsum("qd,qd->q", q, q, dtype=np.float64)) * (1 + 1e-9)
+            q_err = np.sqrt(np.einsum("qd,qd->q", q_err, q_err, dtype=np.float64)) * (1 + 1e-9)
+            e, c = bf16_error_bound(q_norm, q_err, g_norm, g_err, dim)  # (q,)
+            ex = exclude[q_start : q_start + query_chunk]
+            parts = [_Candidates(r, e[r], c, ex[r], k) for r in _slices(len(q), threads)]
+            for g_start in range(0, n_gallery, gallery_chunk):
+                scores = torch.mm(q16, reduced[g_start : g_start + gallery_chunk].T)  # (q, n) bfloat16
+                raw = scores.view(torch.int16).numpy()  # (q, n) bit patterns
+                list(pool.map(lambda p, raw=raw, g=g_start: p.add_block(raw[p.rows], g, probe), parts))
+            for part, (values, indices) in zip(
+                parts, pool.map(lambda p, q=q: p.rerank(q[p.rows], gallery.embeddings), parts), strict=True
+            ):
+                rows = slice(q_start + part.rows.start, q_start + part.rows.stop)
+                out_scores[rows], out_indices[rows] = values, indices
     gathered = _exact_scores(queries, gallery.embeddings, gather) if gather.size else None
     return SearchResult(out_scores, out_indices, gathered)
 
