@@ -126,3 +126,16 @@ def test_learning_rate_scales_multiply_a_parameters_steps(tmp_path):
     moved = [float((p.detach() - s).abs().mean()) for p, s in zip(module.parameters(), start, strict=True)]
     assert moved[0] == pytest.approx(1e-3, rel=0.05)
     assert moved[1] == pytest.approx(1e-2, rel=0.05)
+
+
+def test_progress_bar_shows_no_loss_until_a_step_has_run():
+    """A stage resumed at its end runs no step: its bar says "loss -", not "loss nan" (which reads as divergence)."""
+    from cirlab.training.loop import _progress
+
+    bar = _progress(True, "stage", total=10, start=10)
+    try:
+        assert bar.bar.tasks[0].fields["loss"] == "-"
+        bar.advance(0.123456)
+        assert bar.bar.tasks[0].fields["loss"] == "0.1235"
+    finally:
+        bar.close()

@@ -416,13 +416,15 @@ class _progress:
         if enabled:
             from rich.progress import TextColumn
 
-            self.bar = progress_bar(TextColumn("loss {task.fields[loss]:.4f}"))
-            self.task = self.bar.add_task(description, total=total, completed=start, loss=float("nan"))
+            self.bar = progress_bar(TextColumn("loss {task.fields[loss]}"))
+            # "-" until a step has run: a stage resumed at its end (or served from a finished run) has no loss to
+            # show, and "nan" there read like a diverged run.
+            self.task = self.bar.add_task(description, total=total, completed=start, loss="-")
             self.bar.start()
 
     def advance(self, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=loss)
+            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
 
     def close(self) -> None:
         if self.bar is not None:
