@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -121,6 +122,13 @@ def test_build_reuses_same_world_and_refuses_another(world, tmp_path):
     with pytest.raises(FileExistsError):
         build_world(tiny_config(seed=5), world.root)
     assert not [p for p in world.root.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_a_built_world_gets_the_umask_mode_not_a_private_one(world):
+    """Built in a temporary folder and renamed into place: that folder must not keep mkdtemp's 0o700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert world.root.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 @settings(max_examples=40, deadline=None)

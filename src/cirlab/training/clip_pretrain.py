@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from cirlab.data.shapes.pretraining import pretrain_batch
 from cirlab.data.shapes.render import render_batch
 from cirlab.data.shapes.world import RenderConfig, SceneConfig, combo_filter, sample_scene
 from cirlab.distributed import current_world
-from cirlab.io import atomic_write_json, replace_dir
+from cirlab.io import atomic_write_json, create_temp_dir, replace_dir
 from cirlab.modules.losses import multi_positive_nce
 from cirlab.training.loop import TrainConfig, train
 
@@ -199,7 +198,7 @@ def export_pretrained(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = create_temp_dir(path.parent, f".{path.name}.")  # the umask's mode, not mkdtemp's 0o700
     try:
         backbone.save_pretrained(tmp / "model")
         files = {p.name: file_digest(p) for p in sorted((tmp / "model").iterdir()) if p.is_file()}

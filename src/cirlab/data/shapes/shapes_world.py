@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from cirlab.data.shapes.corpus import ShapesCorpus, write_corpus
 from cirlab.data.shapes.splits import Log, dump_json, write_circo, write_cirr
 from cirlab.data.shapes.synthetic import corrupt_file_name, write_synthetic
 from cirlab.data.shapes.world import Combo, ShapesConfig
-from cirlab.io import read_json
+from cirlab.io import create_temp_dir, read_json
 
 CODE_VERSION = "shapes-world/2"
 """Bump whenever generation changes, so content-addressed worlds are rebuilt."""
@@ -152,7 +151,7 @@ def _install(tmp: Path, out: Path) -> None:
     """Renames the finished ``tmp`` onto ``out``, moving an old ``out`` aside first and deleting it after."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old = create_temp_dir(out.parent, f".{out.name}.old.")
         os.replace(out, old / "world")
     os.replace(tmp, out)
     if old is not None:
@@ -188,7 +187,8 @@ def build_world(
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not a Shapes world; overwrite it or use another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # Not tempfile.mkdtemp: its 0o700 would make the installed world unreadable to anyone else.
+    tmp = create_temp_dir(out.parent, f".{out.name}.", ".tmp")
     try:
         counts = _write_all(cfg, tmp, say)
         info = {"world_id": wid, "code_version": CODE_VERSION, "config": to_dict(cfg), "counts": counts}
