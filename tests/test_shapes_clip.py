@@ -158,6 +158,10 @@ def test_the_shipped_clip_is_intact_and_fits_the_default_worlds_only(tmp_path):
     differing = to_dict(ShapesConfig())
     differing["scene"]["heldout_combos"] = ["red circle"]
     assert not shipped_fits(from_dict(ShapesConfig, differing), record)
+    # A record that lacks a renderer field (one added since) does not fit, whatever that field's default draws.
+    older = json.loads(json.dumps(record))
+    older["config"]["render"].pop("background")
+    assert not shipped_fits(ShapesConfig(), older)
     # Index builds without --backbone use it, whether or not a CLIP was ever built under runs/.
     assert default_backbone(tmp_path) == "shapes-clip"
     copy = tmp_path / "copy"
