@@ -588,11 +588,12 @@ def _pack(rows: np.ndarray, keys: np.ndarray, cols: np.ndarray, n_rows: int) -> 
 
 
 class _Candidates:
-    """The bfloat16 pass's running state for a slice of a query chunk: per query, the keys and gallery columns of
-    every item that may still be in the float32 top-k, and the key threshold below which none can be.
+    """The bfloat16 pass's running state for a slice of a query chunk: per query, the entries kept from each block
+    (keys and gallery columns), its k best keys so far, and the key threshold below which no item can be in the
+    float32 top-k.
 
-    Queries are independent, so each slice is filtered on its own thread while the matrix product of the next
-    block waits: numpy releases the GIL in every whole-array step.
+    Queries are independent, so each slice is filtered on its own thread between two blocks' matrix products
+    (which use every thread themselves): numpy releases the GIL in every whole-array step.
     """
 
     def __init__(self, rows: slice, e: np.ndarray, c: float, exclude: np.ndarray, k: int) -> None:
