@@ -22,7 +22,7 @@ The peers train on the corpus only, so theirs are the numbers a changed benchmar
 here; a world change chosen from this table would be built into the world and calibrated with
 ``cirlab shapes-calibrate``.
 
-    python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed 0]
+    python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] [--alt-full F]
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from cirlab.data.benchmark import CIRQuery
 from cirlab.data.shapes import Scene, eval_caption
-from cirlab.data.shapes.alttext import alt_caption
+from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.edits import Edit
 from cirlab.data.shapes.render import render_batch
 from cirlab.data.shapes.world import N_CELLS
@@ -92,6 +92,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--distractors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
+    parser.add_argument(
+        "--alt-full",
+        type=float,
+        default=AltTextConfig().full,
+        help="chance that a target's alt-text is its complete caption (default: the pretraining captions' own)",
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
@@ -166,7 +172,11 @@ def main() -> None:
     for reshot_targets, p in variants:
         names, scenes, gallery, targets, excludes = layout(reshot_targets, p)
         alt_rng = random.Random("reshoot/alt")
-        alts = {q.qid: alt_caption(scenes[names[t]], alt_rng)[0] for q, t in zip(split.queries, targets, strict=True)}
+        alt_cfg = AltTextConfig(full=args.alt_full)
+        alts = {
+            q.qid: alt_caption(scenes[names[t]], alt_rng, alt_cfg)[0]
+            for q, t in zip(split.queries, targets, strict=True)
+        }
         captions = {q.qid: eval_caption(Scene.parse(meta[q.qid]["reference_scene"])) for q in split.queries}
         for label, rule in text_rules.items():
             texts = [rule(q, alts[q.qid]) for q in split.queries]
