@@ -12,7 +12,8 @@ reference-caption composition:
   random cells (the edited object keeps its final cell). Each of the query's four hard negatives is re-shot the
   same way with probability ``--distractors`` (the others keep the reference's layout: look-alikes). The correct
   answer is then any scene with the same objects and the edited object in place, wherever the rest sit; gallery
-  images that satisfy it, other than the new target, are excluded from the query's ranking, like the reference;
+  images that satisfy it, other than the new target, are excluded from the query's ranking, like the reference
+  (on the world's own targets the world's exact semantics stand, and only the reference is excluded);
 * **texts**: the world's, *target-state* ones (``study_shapes_composition.py``: only what the edited object
   becomes), and either followed by an alt-text caption of the target (``alt_caption``: a random partial
   description, as pretraining captions are), which describes the target as a CIRR caption does.
@@ -153,8 +154,10 @@ def main() -> None:
         targets, excludes = [], []
         for q in split.queries:
             cell, target = kept_cell(edits[q.qid]), target_of[q.qid]
-            want = relaxed(scenes[target], cell)
-            others = [g for g in by_size[len(scenes[target])] if g != target and relaxed(scenes[g], cell) == want]
+            others: list[str] = []
+            if reshot_targets:  # the world's own targets keep the world's exact semantics
+                want = relaxed(scenes[target], cell)
+                others = [g for g in by_size[len(scenes[target])] if g != target and relaxed(scenes[g], cell) == want]
             targets.append(column[target])
             # A reference that is another query's target was re-shot away, and so is already out of the gallery.
             reference = [column[q.reference]] if q.reference in column else []
