@@ -1,0 +1,204 @@
+"""The re-shot probe of ``study_shapes_reshoot.py`` on the CIRCO-format **validation** split (never test).
+
+A CIRCO-format query has an under-specified edit ("recolour it to a warm colour") and several ground truths. Here
+every ground truth is rendered again with the objects its edit did not touch moved to other random cells (the
+object the edit made or changed keeps its cell; after a removal every object may move), and the world's ground-truth
+images leave the gallery. A gallery image counts as correct when it satisfies the edit with the untouched objects
+anywhere; such images other than the re-shot ground truths are excluded from the query's ranking. The texts are the
+world's, then the world's or a *target-state* text (what the edited object becomes: "the circle at the top is a
+warm colour") followed by an alt-text caption of the re-shot main target (the CIRCO caption is written for it), as
+in the CIRR-format probe. mAP@10 for the training-free rows, the peers (seed 0 unless ``--seed``) and
+the reference-caption composition. The combiner is left out, as there.
+
+    python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S]
+
+docs/RESULTS.md has its table (the calibration section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cirlab.data.shapes import Scene, ShapeObject, eval_caption
+from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
+from cirlab.data.shapes.captions import where_phrase
+from cirlab.data.shapes.edits import COLOUR_GROUPS, REGIONS, Edit
+from cirlab.data.shapes.render import render_batch
+from cirlab.evaluation.metrics import circo_map_at_k
+from cirlab.evaluation.ranking import topk_inner_product
+from cirlab.experiments import SHAPES_ROOT
+from cirlab.experiments.runs import train_or_load
+from cirlab.experiments.shapes_env import prepare_shapes
+from cirlab.methods import create_method
+from cirlab.types import ImageFeatures
+from study_shapes_reshoot import reshoot
+
+ROWS = ("image-only", "sum", "text-only", "pic2word", "searle", "lincir", "ref. caption + text")
+
+
+def _look(obj: ShapeObject) -> tuple[str, str, str]:
+    return (obj.shape, obj.colour, obj.size)
+
+
+def cell_free_satisfies(edit: Edit, reference: Scene, candidate: Scene) -> bool:
+    """``Edit.satisfied_by`` with the objects the edit does not touch allowed anywhere."""
+    ref, cand = Counter(map(_look, reference.objects)), Counter(map(_look, candidate.objects))
+    if edit.kind == "add_any":
+        return len(candidate) == len(reference) + 1 and any(
+            o.shape == edit.shape and o.colour == edit.colour and cand - Counter([_look(o)]) == ref
+            for o in candidate.objects
+        )
+    if edit.kind == "remove_one":
+        return len(candidate) == len(reference) - 1 and any(
+            edit.selects(o) and ref - Counter([_look(o)]) == cand for o in reference.objects
+        )
+    old = reference.at(edit.cell)
+    rest = ref - Counter([_look(old)])
+    if len(candidate) != len(reference):
+        return False
+    for new in candidate.objects:
+        if cand - Counter([_look(new)]) != rest:
+            continue
+        same = {a: getattr(new, a) == getattr(old, a) for a in ("cell", "shape", "colour", "size")}
+        if edit.kind == "move_region":
+            assert edit.region is not None
+            moved_only = same["shape"] and same["colour"] and same["size"] and not same["cell"]
+            fits = moved_only and new.cell in REGIONS[edit.region]
+        elif edit.kind == "reshape_any":
+            fits = same["cell"] and same["colour"] and same["size"] and not same["shape"]
+        else:  # recolour_any, recolour_group
+            recoloured_only = same["cell"] and same["shape"] and same["size"] and not same["colour"]
+            fits = recoloured_only and (edit.kind == "recolour_any" or new.colour in COLOUR_GROUPS[edit.group or ""])
+        if fits:
+            return True
+    return False
+
+
+def target_state(edit: Edit, reference: Scene, text: str) -> str:
+    """A text naming only what the edited object becomes, as ``study_shapes_composition.target_state`` does for the
+    exact edits; a removal keeps the world's text."""
+    if edit.kind == "add_any":
+        return f"there is also a {edit.colour} {edit.shape}"
+    if edit.kind == "remove_one":
+        return text
+    obj = reference.at(edit.cell)
+    if edit.kind == "move_region":
+        return f"the {obj.colour} {obj.shape} is in the {edit.region}"
+    if edit.kind == "reshape_any":
+        return f"the {obj.colour} object {where_phrase(obj.cell)} is another shape"
+    if edit.kind == "recolour_group":
+        return f"the {obj.shape} {where_phrase(obj.cell)} is a {edit.group} colour"
+    return f"the {obj.shape} {where_phrase(obj.cell)} is another colour"  # recolour_any
+
+
+def changed_cell(reference: Scene, target: Scene) -> int | None:
+    """The cell of the one object the edit made or changed (None after a removal)."""
+    made = set(target.objects) - set(reference.objects)
+    return next(iter(made)).cell if len(made) == 1 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=SHAPES_ROOT)
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
+    parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
+    parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    env = prepare_shapes(quick=False, root=args.root, log=print)
+    name = "circo/val"
+    split = env.source.split(name)
+    meta = env.world.circo_meta("val")
+    images = json.loads((env.world.circo_root / "shapes_images.json").read_text())
+    scenes = {g: Scene.parse(images[g]["scene"]) for g in split.gallery}
+    features = env.source.features(name, env.backbone)
+    row = {n: i for i, n in enumerate(features.names)}
+    embeds = features.embeds.float()
+    references = embeds[[row[q.reference] for q in split.queries]]  # (Q, d)
+    reference_features = ImageFeatures(references, torch.empty(len(references), 0, 0))
+    methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
+    for n in ("pic2word", "searle", "lincir"):
+        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
+    edits = {q.qid: Edit.from_dict(meta[q.qid]["edit"]) for q in split.queries}
+    refs = {q.qid: Scene.parse(meta[q.qid]["reference_scene"]) for q in split.queries}
+
+    # The re-shot ground truths; the world's leave the gallery.
+    rng = random.Random("reshoot-circo")
+    new: dict[str, tuple[Scene, int]] = {}
+    truths: dict[str, list[str]] = {}
+    for q in split.queries:
+        truths[q.qid] = []
+        for gt in q.targets:
+            moved = reshoot(scenes[gt], changed_cell(refs[q.qid], scenes[gt]), rng)
+            new[f"reshot-{gt}-{q.qid}"] = (moved, rng.getrandbits(31))
+            truths[q.qid].append(f"reshot-{gt}-{q.qid}")
+    # The cell-free reading must accept every ground truth, the world's and the re-shot ones.
+    for q in split.queries:
+        for gt in [*(scenes[g] for g in q.targets), *(new[g][0] for g in truths[q.qid])]:
+            if not cell_free_satisfies(edits[q.qid], refs[q.qid], gt):
+                raise RuntimeError(f"query {q.qid}: ground truth {gt.to_str()} fails the cell-free reading")
+    world_truths = {gt for q in split.queries for gt in q.targets}
+    kept = [g for g in split.gallery if g not in world_truths]
+    rendered = render_batch(list(new.values()), env.world.config.render)
+    parts = [embeds[[row[g] for g in kept]]]
+    with torch.no_grad():
+        for s in range(0, len(rendered), 256):
+            pixels = env.backbone.image_transform.from_uint8(rendered[s : s + 256])
+            parts.append(env.backbone.encode_image(pixels).embeds.float())
+    reshot_gallery = F.normalize(torch.cat(parts), dim=-1).numpy()
+    reshot_names = [*kept, *new]
+    scenes |= {n: s for n, (s, _) in new.items()}
+    column = {g: i for i, g in enumerate(reshot_names)}
+    excludes = []
+    for q in split.queries:
+        own = set(truths[q.qid])
+        hits = [g for g in reshot_names if g not in own and cell_free_satisfies(edits[q.qid], refs[q.qid], scenes[g])]
+        excludes.append([column[g] for g in hits])
+    alt_rng, alt_cfg = random.Random("reshoot-circo/alt"), AltTextConfig(full=args.alt_full)
+    alts = {q.qid: alt_caption(new[truths[q.qid][0]][0], alt_rng, alt_cfg)[0] for q in split.queries}
+    world_gallery = F.normalize(embeds[[row[g] for g in split.gallery]], dim=-1).numpy()
+    world_column = {g: i for i, g in enumerate(split.gallery)}
+    reshot_truths = [[column[g] for g in truths[q.qid]] for q in split.queries]
+    world_truths_ = [[world_column[g] for g in q.targets] for q in split.queries]
+    variants = [  # (ground truths, texts, gallery, ground-truth columns, with the alt-text)
+        ("the world's", "the world's", world_gallery, world_truths_, False),
+        ("re-shot", "the world's", reshot_gallery, reshot_truths, False),
+        ("re-shot", "the world's + target alt-text", reshot_gallery, reshot_truths, True),
+        ("re-shot", "target-state + target alt-text", reshot_gallery, reshot_truths, True),
+    ]
+    lines = ["| ground truths | texts | " + " | ".join(ROWS) + " |", "|---" * (2 + len(ROWS)) + "|"]
+    for where, label, gallery, gts, with_alt in variants:
+        exclude = excludes if where == "re-shot" else None
+        texts = [q.text for q in split.queries]
+        if label.startswith("target-state"):
+            texts = [target_state(edits[q.qid], refs[q.qid], q.text) for q in split.queries]
+        if with_alt:
+            texts = [f"{t}, {alts[q.qid]}" for q, t in zip(split.queries, texts, strict=True)]
+        cells = []
+        for method_name in ROWS:
+            with torch.no_grad():
+                if method_name == "ref. caption + text":
+                    composed = [f"{eval_caption(refs[q.qid])}, {t}" for q, t in zip(split.queries, texts, strict=True)]
+                    queries = env.backbone.encode_text(composed).embeds
+                else:
+                    queries = methods[method_name].compose(reference_features, texts)
+            ranked = topk_inner_product(F.normalize(queries.float(), dim=-1).numpy(), gallery, 10, exclude=exclude)
+            cells.append(circo_map_at_k(ranked.indices, [set(g) for g in gts], 10))
+        lines.append(f"| {where} | {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    n_excluded = sum(map(len, excludes))
+    print(f"{name}, world {env.world.world_id}, {len(split.queries)} queries, {len(new)} re-shot ground truths,")
+    print(f"{n_excluded} cell-free matches excluded; {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
