@@ -14,6 +14,10 @@ reference-caption composition:
   answer is then any scene with the same objects and the edited object in place, wherever the rest sit; gallery
   images that satisfy it, other than the new target, are excluded from the query's ranking, like the reference
   (on the world's own targets the world's exact semantics stand, and only the reference is excluded);
+* **decoys** (``--decoys K``, default none): K more gallery images per query, each the world's own target (the
+  edit applied, the reference's layout) with one object the edit did not touch changed in one attribute. A decoy
+  satisfies the text's edit and keeps the reference's look, as a CIRR look-alike that shows the change can, but it
+  is another scene, so it is never a correct answer;
 * **texts**: the world's, *target-state* ones (``study_shapes_composition.py``: only what the edited object
   becomes), and either followed by an alt-text caption of the target (``alt_caption``: a random partial
   description, as pretraining captions are), which describes the target as a CIRR caption does.
@@ -23,7 +27,8 @@ The peers train on the corpus only, so theirs are the numbers a changed benchmar
 here; a world change chosen from this table would be built into the world and calibrated with
 ``cirlab shapes-calibrate``.
 
-    python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] [--alt-full F]
+    python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
+        [--alt-full F] [--distractors P ...] [--decoys K]
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -47,7 +52,7 @@ from cirlab.data.shapes import Scene, eval_caption
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.edits import Edit
 from cirlab.data.shapes.render import render_batch
-from cirlab.data.shapes.world import N_CELLS
+from cirlab.data.shapes.world import COLOURS, N_CELLS, SHAPES, SIZES, Combo, combo_filter
 from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
@@ -87,12 +92,25 @@ def reshoot(scene: Scene, cell: int | None, rng: random.Random) -> Scene:
     return new
 
 
+def decoy(target: Scene, cell: int | None, rng: random.Random, combo_ok: Callable[[Combo], bool]) -> Scene | None:
+    """``target`` with one object outside ``cell`` changed in one attribute (None when there is no such object)."""
+    others = [o for o in target.objects if o.cell != cell]
+    if not others:
+        return None
+    obj = rng.choice(others)
+    options = [obj.replace(colour=c) for c in COLOURS if c != obj.colour]
+    options += [obj.replace(shape=s) for s in SHAPES if s != obj.shape]
+    options += [obj.replace(size=z) for z in SIZES if z != obj.size]
+    return target.replaced(obj.cell, rng.choice([o for o in options if combo_ok(o.combo)]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=SHAPES_ROOT)
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--distractors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
+    parser.add_argument("--decoys", type=int, default=0, help="edited look-alikes per query (re-shot targets only)")
     parser.add_argument(
         "--alt-full",
         type=float,
@@ -119,6 +137,8 @@ def main() -> None:
     def layout(reshot_targets: bool, p: float) -> tuple[list[str], dict[str, Scene], np.ndarray, np.ndarray, list]:
         """Gallery names, scenes, (N, d) normalised embeddings, target columns and per-query exclusions."""
         rng = random.Random(f"reshoot/{p}")
+        decoy_rng = random.Random(f"reshoot/decoys/{p}")  # its own stream: the rows without decoys stay as they were
+        combo_ok = combo_filter(env.world.config.scene.heldout)
         scenes = {g: Scene.parse(images[g]["scene"]) for g in split.gallery}
         new: dict[str, tuple[Scene, int]] = {}
         dropped: set[str] = set()
@@ -137,6 +157,10 @@ def main() -> None:
                     moved = reshoot(scenes[d], cell if cell in scenes[d].cells else None, rng)
                     new[f"reshot-{d}"] = (moved, rng.getrandbits(31))
                     dropped.add(d)
+            for i in range(args.decoys):
+                fake = decoy(scenes[q.targets[0]], cell, decoy_rng, combo_ok)
+                if fake is not None:
+                    new[f"decoy{i}-{q.qid}"] = (fake, decoy_rng.getrandbits(31))
         kept = [g for g in split.gallery if g not in dropped]
         names = [*kept, *new]
         scenes |= {n: s for n, (s, _) in new.items()}

@@ -19,7 +19,7 @@ reports every calibration row on its **validation** split:
   id, so it must not share a folder with the source world's runs).
 
     python benchmarks/study_shapes_reshoot_world.py --root runs/shapes --runs runs/demo/methods \\
-        --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F]
+        --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F] [--scale S]
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -51,6 +51,7 @@ from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import prepare_shapes
 from cirlab.io import atomic_write_json, create_temp_dir, read_json
 from cirlab.methods import create_method
+from study_shapes_combiner_budget import scaled_overrides
 from study_shapes_composition import target_state
 from study_shapes_reshoot import kept_cell, relaxed, reshoot
 
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--variant-runs", type=Path, required=True, help="where the combiner trained on it goes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
+    parser.add_argument("--scale", type=float, default=1.0, help="the combiner's steps, times its preset's")
     args = parser.parse_args()
     if args.variant_runs.resolve() == args.runs.resolve():
         parser.error("--variant-runs must differ from --runs: a run's key names the world id, which both share")
@@ -163,7 +165,8 @@ def main() -> None:
         for row in PEERS:
             peer = train_or_load(row, source_env, seed, False, args.runs, False)[0].eval()
             rows.setdefault(row, []).append(recall_at_1(peer))
-        combiner = train_or_load("combiner", env, seed, False, args.variant_runs, False)[0].eval()
+        overrides = scaled_overrides(args.scale) if args.scale != 1.0 else ()
+        combiner = train_or_load("combiner", env, seed, False, args.variant_runs, False, overrides)[0].eval()
         rows.setdefault("combiner", []).append(recall_at_1(combiner))
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
     print("| row | CIRR R@1, val | seeds |")
