@@ -18,6 +18,11 @@ reference-caption composition:
   edit applied, the reference's layout) with one object the edit did not touch changed in one attribute. A decoy
   satisfies the text's edit and keeps the reference's look, as a CIRR look-alike that shows the change can, but it
   is another scene, so it is never a correct answer;
+* **sum at a lower text weight** (``--sum-weights W ...``, none by default): ``sum`` with its text embedding
+  weighted by W < 1. A backbone whose text embeddings all share one extra offset that no image embedding has (a
+  wider modality gap, as real CLIPs have) would score ``sum`` this way, with W = 1 / |text + offset|, while every
+  text-to-image ranking stays as it is (to first order the peers too: their training would see the offset only as
+  a lower temperature, which is assumed, not measured). It says how wide such a gap would have to be;
 * **texts**: the world's, *target-state* ones (``study_shapes_composition.py``: only what the edited object
   becomes), and either followed by an alt-text caption of the target (``alt_caption``: a random partial
   description, as pretraining captions are), which describes the target as a CIRR caption does.
@@ -111,6 +116,7 @@ def main() -> None:
     parser.add_argument("--distractors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--decoys", type=int, default=0, help="edited look-alikes per query (re-shot targets only)")
+    parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     parser.add_argument(
         "--alt-full",
         type=float,
@@ -132,6 +138,10 @@ def main() -> None:
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
         methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
+    rows = list(ROWS)
+    for w in args.sum_weights:
+        rows.insert(rows.index("text-only"), f"sum, text x{w:g}")
+        methods[rows[rows.index("text-only") - 1]] = create_method("sum", env.backbone, {"text_weight": w}).eval()
     edits = {q.qid: Edit.from_dict(meta[q.qid]["edit"]) for q in split.queries}
 
     def layout(reshot_targets: bool, p: float) -> tuple[list[str], dict[str, Scene], np.ndarray, np.ndarray, list]:
@@ -195,7 +205,7 @@ def main() -> None:
         "target-state + target alt-text": lambda q, alt: f"{target_state(meta[q.qid], q)}, {alt}",
     }
     variants = [(False, 0.0)] + [(True, p) for p in args.distractors]
-    lines = ["| targets | hard negatives re-shot | texts | " + " | ".join(ROWS) + " |", "|---" * (3 + len(ROWS)) + "|"]
+    lines = ["| targets | hard negatives re-shot | texts | " + " | ".join(rows) + " |", "|---" * (3 + len(rows)) + "|"]
     for reshot_targets, p in variants:
         names, scenes, gallery, targets, excludes = layout(reshot_targets, p)
         alt_rng = random.Random("reshoot/alt")
@@ -208,7 +218,7 @@ def main() -> None:
         for label, rule in text_rules.items():
             texts = [rule(q, alts[q.qid]) for q in split.queries]
             cells = []
-            for method_name in ROWS:
+            for method_name in rows:
                 with torch.no_grad():
                     if method_name == "ref. caption + text":
                         composed = [f"{captions[q.qid]}, {t}" for q, t in zip(split.queries, texts, strict=True)]

@@ -8,9 +8,11 @@ anywhere; such images other than the re-shot ground truths are excluded from the
 world's, then the world's or a *target-state* text (what the edited object becomes: "the circle at the top is a
 warm colour") followed by an alt-text caption of the re-shot main target (the CIRCO caption is written for it), as
 in the CIRR-format probe. mAP@10 for the training-free rows, the peers (seed 0 unless ``--seed``) and
-the reference-caption composition. The combiner is left out, as there.
+the reference-caption composition. The combiner is left out, as there. ``--sum-weights W ...`` adds ``sum`` rows
+with the text weighted by W, the modality-gap reading of the CIRR-format probe.
 
-    python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S]
+    python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
+        [--alt-full F] [--sum-weights W ...]
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
+    parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
@@ -127,6 +130,10 @@ def main() -> None:
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
         methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
+    rows = list(ROWS)
+    for w in args.sum_weights:
+        rows.insert(rows.index("text-only"), f"sum, text x{w:g}")
+        methods[rows[rows.index("text-only") - 1]] = create_method("sum", env.backbone, {"text_weight": w}).eval()
     edits = {q.qid: Edit.from_dict(meta[q.qid]["edit"]) for q in split.queries}
     refs = {q.qid: Scene.parse(meta[q.qid]["reference_scene"]) for q in split.queries}
 
@@ -174,7 +181,7 @@ def main() -> None:
         ("re-shot", "the world's + target alt-text", reshot_gallery, reshot_truths, True),
         ("re-shot", "target-state + target alt-text", reshot_gallery, reshot_truths, True),
     ]
-    lines = ["| ground truths | texts | " + " | ".join(ROWS) + " |", "|---" * (2 + len(ROWS)) + "|"]
+    lines = ["| ground truths | texts | " + " | ".join(rows) + " |", "|---" * (2 + len(rows)) + "|"]
     for where, label, gallery, gts, with_alt in variants:
         exclude = excludes if where == "re-shot" else None
         texts = [q.text for q in split.queries]
@@ -183,7 +190,7 @@ def main() -> None:
         if with_alt:
             texts = [f"{t}, {alts[q.qid]}" for q, t in zip(split.queries, texts, strict=True)]
         cells = []
-        for method_name in ROWS:
+        for method_name in rows:
             with torch.no_grad():
                 if method_name == "ref. caption + text":
                     composed = [f"{eval_caption(refs[q.qid])}, {t}" for q, t in zip(split.queries, texts, strict=True)]
