@@ -33,7 +33,10 @@ here; a world change chosen from this table would be built into the world and ca
 ``cirlab shapes-calibrate``.
 
     python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--distractors P ...] [--decoys K]
+        [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR]
+
+``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
+with the peers trained on that CLIP in ``--runs``.
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -52,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cirlab.backbones.shapes_clip import shapes_clip
 from cirlab.data.benchmark import CIRQuery
 from cirlab.data.shapes import Scene, eval_caption
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
@@ -61,7 +65,7 @@ from cirlab.data.shapes.world import COLOURS, N_CELLS, SHAPES, SIZES, Combo, com
 from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
-from cirlab.experiments.shapes_env import prepare_shapes
+from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
 from cirlab.methods import create_method
 from cirlab.types import ImageFeatures
 from study_shapes_composition import target_state
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--distractors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--decoys", type=int, default=0, help="edited look-alikes per query (re-shot targets only)")
+    parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     parser.add_argument(
         "--alt-full",
@@ -126,6 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
+    if args.clip is not None:  # features are cached per backbone, so the shipped CLIP's are not reused
+        env = ShapesEnv(env.world, shapes_clip(str(args.clip)).freeze(), env.source, env.clip_metrics, args.clip)
     name = "cirr/val"
     split = env.source.split(name)
     meta = env.world.cirr_meta("val")

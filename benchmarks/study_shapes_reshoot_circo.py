@@ -12,7 +12,10 @@ the reference-caption composition. The combiner is left out, as there. ``--sum-w
 with the text weighted by W, the modality-gap reading of the CIRR-format probe.
 
     python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--sum-weights W ...]
+        [--alt-full F] [--sum-weights W ...] [--clip DIR]
+
+``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
+with the peers trained on that CLIP in ``--runs``.
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cirlab.backbones.shapes_clip import shapes_clip
 from cirlab.data.shapes import Scene, ShapeObject, eval_caption
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.captions import where_phrase
@@ -38,7 +42,7 @@ from cirlab.evaluation.metrics import circo_map_at_k
 from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
-from cirlab.experiments.shapes_env import prepare_shapes
+from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
 from cirlab.methods import create_method
 from cirlab.types import ImageFeatures
 from study_shapes_reshoot import reshoot
@@ -113,10 +117,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
+    parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
+    if args.clip is not None:  # features are cached per backbone, so the shipped CLIP's are not reused
+        env = ShapesEnv(env.world, shapes_clip(str(args.clip)).freeze(), env.source, env.clip_metrics, args.clip)
     name = "circo/val"
     split = env.source.split(name)
     meta = env.world.circo_meta("val")
