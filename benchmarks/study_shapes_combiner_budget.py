@@ -43,6 +43,18 @@ def scaled_overrides(scale: float) -> tuple[str, ...]:
     return tuple(f"{s}.steps={round(getattr(run_cfg, s).steps * scale)}" for s in stages)
 
 
+def full_world_env(root: Path, train_queries: int | None = None) -> ShapesEnv:
+    """The full Shapes world in ``root`` (built or reused) with the shipped CLIP; ``train_queries`` overrides the
+    number of CIRR-format training queries."""
+    if train_queries is None:
+        return prepare_shapes(quick=False, root=root, log=print)
+    base = ShapesConfig()
+    cfg = dataclasses.replace(base, cirr=dataclasses.replace(base.cirr, train_queries=train_queries))
+    world = build_world(cfg, root / f"world-{world_id(cfg)}", log=print)
+    source = ShapesSource(world, FeatureCache(root / "features"))
+    return ShapesEnv(world, shapes_clip().freeze(), source, shipped_record()["metrics"], shipped_dir())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=SHAPES_ROOT, help="where the world and its CLIP are kept")
@@ -52,14 +64,7 @@ def main() -> None:
     parser.add_argument("--train-queries", type=int, default=None, help="CIRR-format training queries of the world")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    if args.train_queries is None:
-        env = prepare_shapes(quick=False, root=args.root, log=print)
-    else:
-        base = ShapesConfig()
-        cfg = dataclasses.replace(base, cirr=dataclasses.replace(base.cirr, train_queries=args.train_queries))
-        world = build_world(cfg, args.root / f"world-{world_id(cfg)}", log=print)
-        source = ShapesSource(world, FeatureCache(args.root / "features"))
-        env = ShapesEnv(world, shapes_clip().freeze(), source, shipped_record()["metrics"], shipped_dir())
+    env = full_world_env(args.root, args.train_queries)
     rows = [Row("image-only", "image-only"), Row("sum", "sum")]
     rows += [Row(f"combiner x{s:g}", "combiner", overrides=scaled_overrides(s)) for s in args.scale]
     results = run_study(env, rows, args.seeds, False, args.runs, splits=SPLITS)

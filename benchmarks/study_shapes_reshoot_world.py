@@ -19,7 +19,8 @@ reports every calibration row on its **validation** split:
   id, so it must not share a folder with the source world's runs).
 
     python benchmarks/study_shapes_reshoot_world.py --root runs/shapes --runs runs/demo/methods \\
-        --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F] [--scale S]
+        --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F] [--scale S] \\
+        [--train-queries N]
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -48,10 +49,9 @@ from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.calibrate import composition_split
 from cirlab.experiments.runs import train_or_load
-from cirlab.experiments.shapes_env import prepare_shapes
 from cirlab.io import atomic_write_json, create_temp_dir, read_json
 from cirlab.methods import create_method
-from study_shapes_combiner_budget import scaled_overrides
+from study_shapes_combiner_budget import full_world_env, scaled_overrides
 from study_shapes_composition import target_state
 from study_shapes_reshoot import kept_cell, relaxed, reshoot
 
@@ -116,17 +116,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
     parser.add_argument("--scale", type=float, default=1.0, help="the combiner's steps, times its preset's")
+    parser.add_argument("--train-queries", type=int, default=None, help="the source world's CIRR-format train size")
     args = parser.parse_args()
     if args.variant_runs.resolve() == args.runs.resolve():
         parser.error("--variant-runs must differ from --runs: a run's key names the world id, which both share")
     t0 = time.perf_counter()
-    source_env = prepare_shapes(quick=False, root=args.root, log=print)
+    source_env = full_world_env(args.root, args.train_queries)
     world_dir = args.out / source_env.world.root.name
     args.out.mkdir(parents=True, exist_ok=True)
     write_variant(
         source_env.world.root, world_dir, source_env.world.config.render, AltTextConfig(full=args.alt_full), print
     )
-    env = prepare_shapes(quick=False, root=args.out, log=print)
+    env = full_world_env(args.out, args.train_queries)
     name = "cirr/val"
     split = env.source.split(name)
     meta = env.world.cirr_meta("val")
