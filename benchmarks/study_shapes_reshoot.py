@@ -33,10 +33,12 @@ here; a world change chosen from this table would be built into the world and ca
 ``cirlab shapes-calibrate``.
 
     python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR]
+        [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR] \\
+        [--peer-set PEER:key=value ...]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
-with the peers trained on that CLIP in ``--runs``.
+with the peers trained on that CLIP in ``--runs``. ``--peer-set PEER:key=value ...`` trains a peer with run-config
+overrides (a departure from its preset, for diagnosis only: e.g. ``pic2word:method.temperature=0.0325``).
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -121,6 +123,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--decoys", type=int, default=0, help="edited look-alikes per query (re-shot targets only)")
     parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
+    parser.add_argument(
+        "--peer-set", nargs="*", default=[], help="PEER:key=value run-config overrides of a peer (a diagnosis)"
+    )
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     parser.add_argument(
         "--alt-full",
@@ -144,7 +149,8 @@ def main() -> None:
     reference_features = ImageFeatures(references, torch.empty(len(references), 0, 0))
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
-        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
+        overrides = tuple(o.partition(":")[2] for o in args.peer_set if o.partition(":")[0] == n)
+        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False, overrides)[0].eval()
     rows = list(ROWS)
     for w in args.sum_weights:
         rows.insert(rows.index("text-only"), f"sum, text x{w:g}")
