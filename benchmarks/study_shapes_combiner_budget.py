@@ -43,16 +43,21 @@ def scaled_overrides(scale: float) -> tuple[str, ...]:
     return tuple(f"{s}.steps={round(getattr(run_cfg, s).steps * scale)}" for s in stages)
 
 
-def full_world_env(root: Path, train_queries: int | None = None) -> ShapesEnv:
+def full_world_env(root: Path, train_queries: int | None = None, gap: float = 0.0) -> ShapesEnv:
     """The full Shapes world in ``root`` (built or reused) with the shipped CLIP; ``train_queries`` overrides the
-    number of CIRR-format training queries."""
+    number of CIRR-format training queries, ``gap`` gives the CLIP that modality gap (``HFCLIPBackbone``)."""
     if train_queries is None:
-        return prepare_shapes(quick=False, root=root, log=print)
+        env = prepare_shapes(quick=False, root=root, log=print)
+        if gap:
+            env = ShapesEnv(
+                env.world, shapes_clip(modality_gap=gap).freeze(), env.source, env.clip_metrics, env.clip_dir
+            )
+        return env
     base = ShapesConfig()
     cfg = dataclasses.replace(base, cirr=dataclasses.replace(base.cirr, train_queries=train_queries))
     world = build_world(cfg, root / f"world-{world_id(cfg)}", log=print)
     source = ShapesSource(world, FeatureCache(root / "features"))
-    return ShapesEnv(world, shapes_clip().freeze(), source, shipped_record()["metrics"], shipped_dir())
+    return ShapesEnv(world, shapes_clip(modality_gap=gap).freeze(), source, shipped_record()["metrics"], shipped_dir())
 
 
 def main() -> None:

@@ -33,12 +33,15 @@ here; a world change chosen from this table would be built into the world and ca
 ``cirlab shapes-calibrate``.
 
     python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR] \\
+        [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR] [--gap C] \\
         [--peer-set PEER:key=value ...]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
-with the peers trained on that CLIP in ``--runs``. ``--peer-set PEER:key=value ...`` trains a peer with run-config
-overrides (a departure from its preset, for diagnosis only: e.g. ``pic2word:method.temperature=0.0325``).
+with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a modality gap of length C
+(``HFCLIPBackbone``'s ``modality_gap``: the text weighs 1 / sqrt(1 + C**2) in ``sum``), with the peers trained on
+it (a run's key names its backbone, so they never mix with the shipped CLIP's). ``--peer-set PEER:key=value ...``
+trains a peer with run-config overrides (a departure from its preset, for diagnosis only: e.g.
+``pic2word:method.temperature=0.0325``).
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--decoys", type=int, default=0, help="edited look-alikes per query (re-shot targets only)")
     parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
+    parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: none)")
     parser.add_argument(
         "--peer-set", nargs="*", default=[], help="PEER:key=value run-config overrides of a peer (a diagnosis)"
     )
@@ -136,8 +140,9 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
-    if args.clip is not None:  # features are cached per backbone, so the shipped CLIP's are not reused
-        env = ShapesEnv(env.world, shapes_clip(str(args.clip)).freeze(), env.source, env.clip_metrics, args.clip)
+    if args.clip is not None or args.gap:  # features are cached per backbone, so the shipped CLIP's are not reused
+        clip = shapes_clip(str(args.clip) if args.clip else None, modality_gap=args.gap).freeze()
+        env = ShapesEnv(env.world, clip, env.source, env.clip_metrics, args.clip or env.clip_dir)
     name = "cirr/val"
     split = env.source.split(name)
     meta = env.world.cirr_meta("val")

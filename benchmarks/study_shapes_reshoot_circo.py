@@ -12,10 +12,12 @@ the reference-caption composition. The combiner is left out, as there. ``--sum-w
 with the text weighted by W, the modality-gap reading of the CIRR-format probe.
 
     python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--sum-weights W ...] [--clip DIR]
+        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
-with the peers trained on that CLIP in ``--runs``.
+with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a modality gap of length C
+(``HFCLIPBackbone``'s ``modality_gap``: the text weighs 1 / sqrt(1 + C**2) in ``sum``), with the peers trained on
+it (a run's key names its backbone, so they never mix with the shipped CLIP's).
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -118,12 +120,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
     parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
+    parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: none)")
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
-    if args.clip is not None:  # features are cached per backbone, so the shipped CLIP's are not reused
-        env = ShapesEnv(env.world, shapes_clip(str(args.clip)).freeze(), env.source, env.clip_metrics, args.clip)
+    if args.clip is not None or args.gap:  # features are cached per backbone, so the shipped CLIP's are not reused
+        clip = shapes_clip(str(args.clip) if args.clip else None, modality_gap=args.gap).freeze()
+        env = ShapesEnv(env.world, clip, env.source, env.clip_metrics, args.clip or env.clip_dir)
     name = "circo/val"
     split = env.source.split(name)
     meta = env.world.circo_meta("val")

@@ -20,7 +20,10 @@ reports every calibration row on its **validation** split:
 
     python benchmarks/study_shapes_reshoot_world.py --root runs/shapes --runs runs/demo/methods \\
         --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F] [--scale S] \\
-        [--train-queries N]
+        [--train-queries N] [--gap C]
+
+``--gap C`` gives the shipped CLIP a modality gap of length C (``HFCLIPBackbone``'s ``modality_gap``); every row,
+the peers included, is then computed and trained on that backbone (a run's key names its backbone).
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -117,17 +120,18 @@ def main() -> None:
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
     parser.add_argument("--scale", type=float, default=1.0, help="the combiner's steps, times its preset's")
     parser.add_argument("--train-queries", type=int, default=None, help="the source world's CIRR-format train size")
+    parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: the shipped CLIP's)")
     args = parser.parse_args()
     if args.variant_runs.resolve() == args.runs.resolve():
         parser.error("--variant-runs must differ from --runs: a run's key names the world id, which both share")
     t0 = time.perf_counter()
-    source_env = full_world_env(args.root, args.train_queries)
+    source_env = full_world_env(args.root, args.train_queries, args.gap)
     world_dir = args.out / source_env.world.root.name
     args.out.mkdir(parents=True, exist_ok=True)
     write_variant(
         source_env.world.root, world_dir, source_env.world.config.render, AltTextConfig(full=args.alt_full), print
     )
-    env = full_world_env(args.out, args.train_queries)
+    env = full_world_env(args.out, args.train_queries, args.gap)
     name = "cirr/val"
     split = env.source.split(name)
     meta = env.world.cirr_meta("val")

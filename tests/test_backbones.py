@@ -156,3 +156,40 @@ def test_text_encoding_emits_no_warning_from_transformers(tiny_backbone):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_backbone.encode_text(["a red circle", "two blue squares"])
+
+
+def test_a_modality_gap_scales_every_image_text_cosine_and_keeps_clip_logits_and_rankings(
+    tiny_backbone, tiny_backbone_dir, tmp_path
+):
+    gap = 1.5
+    factor = float(np.hypot(1.0, gap))
+    gapped = cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}", modality_gap=gap).freeze()
+    plain = cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}").freeze()
+    assert gapped.embed_dim == plain.embed_dim + 1
+    assert gapped.identity() != plain.identity()
+    pixels = plain.preprocess(_images(4))
+    with torch.no_grad():
+        image, image_gap = plain.encode_image(pixels).embeds, gapped.encode_image(pixels).embeds
+        text, text_gap = plain.encode_text(TEXTS).embeds, gapped.encode_text(TEXTS).embeds
+    torch.testing.assert_close(image_gap[:, :-1], image)
+    assert torch.all(image_gap[:, -1] == 0)
+    torch.testing.assert_close(text_gap[:, :-1], text)
+    cos = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    cos_gap = torch.nn.functional.normalize(image_gap, dim=-1) @ torch.nn.functional.normalize(text_gap, dim=-1).T
+    torch.testing.assert_close(cos_gap, cos / factor)
+    torch.testing.assert_close(gapped.logit_scale.exp() * cos_gap, plain.logit_scale.exp() * cos)
+    assert torch.equal(cos_gap.argsort(dim=0), cos.argsort(dim=0))  # images ranked by a text: as before
+    # The normalised texts all share the offset: their cosines move towards 1, their rankings stay.
+    t = torch.nn.functional.normalize(text_gap, dim=-1)
+    assert torch.allclose(t[:, -1], torch.full((len(TEXTS),), gap / factor))
+    # Saved without the gap: the checkpoint is the plain one again.
+    gapped.save_pretrained(tmp_path / "saved")
+    reloaded = cirlab.create_backbone(f"hf-clip:{tmp_path / 'saved'}").freeze()
+    torch.testing.assert_close(reloaded.logit_scale, plain.logit_scale)
+    torch.testing.assert_close(gapped.logit_scale.exp(), plain.logit_scale.exp() * factor)
+
+
+@pytest.mark.parametrize("gap", [-0.5, float("nan"), float("inf")])
+def test_a_bad_modality_gap_is_refused(tiny_backbone_dir, gap):
+    with pytest.raises(ValueError, match="modality_gap"):
+        cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}", modality_gap=gap)

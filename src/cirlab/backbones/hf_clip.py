@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -63,12 +64,28 @@ class HFCLIPBackbone(nn.Module):
         tokenizer: the matching transformers tokenizer.
         transform: image preprocessing (size, mean and std of the checkpoint).
         name: the spec this backbone was created from (for cache keys and configs).
+        modality_gap: length ``c`` of an offset shared by every L2-normalised text embedding, along one extra
+            dimension that no image embedding has (0: none, the joint space is the checkpoint's). Real CLIPs keep
+            their two modalities apart by such a gap (Liang et al., "Mind the Gap", 2022); a small CLIP trained
+            from scratch does not (the Shapes CLIP's unmatched image-caption cosines are below zero). The offset
+            leaves every ranking of images by one text, and of texts by one image, as it is: it divides every
+            image-text cosine by ``sqrt(1 + c**2)``. The logit scale is multiplied by that factor when the
+            backbone is built, so CLIP's own logits, and every loss at CLIP's temperature, do not change either.
+            What changes is how much a text moves a sum with an image embedding: by ``1 / sqrt(1 + c**2)``.
     """
 
     has_image_tokens = True
 
-    def __init__(self, model: Any, tokenizer: Any, transform: ImageTransform, name: str = "hf-clip") -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, transform: ImageTransform, name: str = "hf-clip", modality_gap: float = 0.0
+    ) -> None:
         super().__init__()
+        if not math.isfinite(modality_gap) or modality_gap < 0:
+            raise ValueError(f"modality_gap must be a finite number >= 0, got {modality_gap}")
+        self.modality_gap = float(modality_gap)
+        if self.modality_gap:
+            with torch.no_grad():
+                model.logit_scale.add_(math.log(math.hypot(1.0, self.modality_gap)))
         self.model = model
         self.tokenizer = tokenizer
         self.image_transform = transform
@@ -81,8 +98,8 @@ class HFCLIPBackbone(nn.Module):
     # -- dimensions -------------------------------------------------------------------------------------------
     @property
     def embed_dim(self) -> int:
-        """Dimension of the joint (projected) embedding space."""
-        return int(self.model.config.projection_dim)
+        """Dimension of the joint (projected) embedding space (one more with a modality gap)."""
+        return int(self.model.config.projection_dim) + (1 if self.modality_gap else 0)
 
     @property
     def token_dim(self) -> int:
@@ -158,7 +175,10 @@ class HFCLIPBackbone(nn.Module):
         states = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         states = tm.final_layer_norm(states)  # (B, L, w_t)
         pooled = states[torch.arange(states.shape[0], device=states.device), self._pool_positions(tokens.input_ids)]
-        return TextFeatures(self.model.text_projection(pooled), states, tokens.attention_mask)
+        embeds = self.model.text_projection(pooled)  # (B, projection_dim)
+        if self.modality_gap:  # scaled by the norm, so the offset is c once the embedding is normalised
+            embeds = torch.cat([embeds, self.modality_gap * embeds.norm(dim=-1, keepdim=True)], dim=-1)
+        return TextFeatures(embeds, states, tokens.attention_mask)
 
     def encode_text(self, tokens: TokenBatch | list[str]) -> TextFeatures:
         """Encodes tokenised texts (or raw strings) into projected embeddings (B, embed_dim) and token states."""
@@ -177,7 +197,10 @@ class HFCLIPBackbone(nn.Module):
         states = vm(pixel_values=pixels.to(self.model.logit_scale.dtype)).last_hidden_state  # (B, 1+n, w_v)
         # post_layernorm is per-token, so applying it to all tokens keeps the CLS path identical to CLIP's pooling.
         tokens = vm.post_layernorm(states)
-        return ImageFeatures(self.model.visual_projection(tokens[:, 0]), tokens)
+        embeds = self.model.visual_projection(tokens[:, 0])  # (B, projection_dim)
+        if self.modality_gap:
+            embeds = torch.cat([embeds, embeds.new_zeros(len(embeds), 1)], dim=-1)
+        return ImageFeatures(embeds, tokens)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def freeze(self) -> HFCLIPBackbone:
@@ -198,21 +221,29 @@ class HFCLIPBackbone(nn.Module):
                 h.update(key.encode())
                 h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             h.update(self.model.visual_projection.weight.detach().cpu().float().numpy().tobytes())
-            self._fingerprint = f"{self.name}@{h.hexdigest()}"
+            gap = f"+gap{self.modality_gap:g}" if self.modality_gap else ""  # the image embeddings grow a dimension
+            self._fingerprint = f"{self.name}@{h.hexdigest()}{gap}"
         return f"{self._fingerprint}/{self.image_transform.identity()}"
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes ``config.json``, ``model.safetensors``, tokenizer files and ``preprocessor_config.json``.
 
         The directory is written beside its destination and renamed into place, so a crash leaves no half-written
-        model; it loads with ``hf-clip:<path>`` and with ``transformers.CLIPModel.from_pretrained``.
+        model; it loads with ``hf-clip:<path>`` and with ``transformers.CLIPModel.from_pretrained``. The checkpoint is
+        written without the modality gap (its logit scale as before the gap raised it); pass ``modality_gap`` again
+        when loading it.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = create_temp_dir(path.parent, f".{path.name}.")
+        lift = math.log(math.hypot(1.0, self.modality_gap))
         try:
-            with _local_bars_off(True):
-                self.model.save_pretrained(tmp, safe_serialization=True)
+            with _local_bars_off(True), torch.no_grad():
+                self.model.logit_scale.sub_(lift)
+                try:
+                    self.model.save_pretrained(tmp, safe_serialization=True)
+                finally:
+                    self.model.logit_scale.add_(lift)
                 self.tokenizer.save_pretrained(tmp)
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.image_transform.to_hf_config(), indent=2))
             replace_dir(tmp, path)
@@ -221,12 +252,15 @@ class HFCLIPBackbone(nn.Module):
             raise
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, **hub_kwargs: Any) -> HFCLIPBackbone:
+    def from_pretrained(
+        cls, name_or_path: str, dtype: torch.dtype | None = None, modality_gap: float = 0.0, **hub_kwargs: Any
+    ) -> HFCLIPBackbone:
         """Loads from a local directory or a Hugging Face hub id (``openai/clip-vit-large-patch14``).
 
         Args:
             name_or_path: local directory or hub id.
             dtype: parameter dtype (default float32).
+            modality_gap: see the class; 0 keeps the checkpoint's joint space.
             hub_kwargs: passed to transformers' ``from_pretrained`` (e.g. ``revision``, ``local_files_only``).
         """
         from transformers import AutoTokenizer, CLIPModel
@@ -249,7 +283,7 @@ class HFCLIPBackbone(nn.Module):
         except OSError:
             proc = {}
         transform = ImageTransform.from_hf_config(proc, default_size=model.config.vision_config.image_size)
-        return cls(model.eval(), tokenizer, transform, name=f"hf-clip:{name_or_path}")
+        return cls(model.eval(), tokenizer, transform, name=f"hf-clip:{name_or_path}", modality_gap=modality_gap)
 
 
 @BACKBONES.register("hf-clip")
