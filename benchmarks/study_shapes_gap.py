@@ -81,7 +81,7 @@ def main() -> None:
         "| text weight W | image-own caption | image-other captions | image-image | caption-caption | text-text"
         " | centroid distance | reference spread | text spread |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * 9 + "|")
     for w in args.weights:
         # An offset c orthogonal to every embedding, |c|^2 = 1/W^2 - 1: a text t becomes (t + c) / |t + c| = W (t + c),
         # so text-image cosines scale by W, and text-text cosines become W^2 (cos + |c|^2).
