@@ -8,11 +8,13 @@ anywhere; such images other than the re-shot ground truths are excluded from the
 world's, then the world's or a *target-state* text (what the edited object becomes: "the circle at the top is a
 warm colour") followed by an alt-text caption of the re-shot main target (the CIRCO caption is written for it), as
 in the CIRR-format probe. mAP@10 for the training-free rows, the peers (seed 0 unless ``--seed``) and
-the reference-caption composition. The combiner is left out, as there. ``--sum-weights W ...`` adds ``sum`` rows
-with the text weighted by W, the modality-gap reading of the CIRR-format probe.
+the reference-caption composition. ``--sum-weights W ...`` adds ``sum`` rows with the text weighted by W, the
+modality-gap reading of the CIRR-format probe. ``--combiner-run DIR`` adds the CLIP4Cir combiner of a run trained on
+a re-shot variant world (``study_shapes_reshoot_world.py``'s ``--variant-runs``, on the same backbone); it ranks on
+its own fine-tuned image encoder's features.
 
     python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C]
+        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
 with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a modality gap of length C
@@ -40,12 +42,14 @@ from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.captions import where_phrase
 from cirlab.data.shapes.edits import COLOUR_GROUPS, REGIONS, Edit
 from cirlab.data.shapes.render import render_batch
+from cirlab.evaluation.evaluate import gallery_embeddings
 from cirlab.evaluation.metrics import circo_map_at_k
 from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
 from cirlab.methods import create_method
+from cirlab.methods.base import load_method
 from cirlab.types import ImageFeatures
 from study_shapes_reshoot import reshoot
 
@@ -122,6 +126,7 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, default=None, help="another pretrained Shapes CLIP directory")
     parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: none)")
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
+    parser.add_argument("--combiner-run", type=Path, default=None, help="a combiner run trained on a re-shot variant")
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
@@ -142,6 +147,9 @@ def main() -> None:
     for n in ("pic2word", "searle", "lincir"):
         methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
     rows = list(ROWS)
+    if args.combiner_run is not None:
+        methods["combiner"] = load_method(args.combiner_run, backbone=env.backbone).eval()
+        rows.insert(rows.index("lincir") + 1, "combiner")
     for w in args.sum_weights:
         rows.insert(rows.index("text-only"), f"sum, text x{w:g}")
         methods[rows[rows.index("text-only") - 1]] = create_method("sum", env.backbone, {"text_weight": w}).eval()
@@ -185,15 +193,35 @@ def main() -> None:
     world_gallery = F.normalize(embeds[[row[g] for g in split.gallery]], dim=-1).numpy()
     world_column = {g: i for i, g in enumerate(split.gallery)}
     reshot_truths = [[column[g] for g in truths[q.qid]] for q in split.queries]
+    shared = (reference_features, world_gallery, reshot_gallery)
+
+    def views(method: object) -> tuple[ImageFeatures, object, object]:
+        """References, world gallery and re-shot gallery as ``method`` sees them (its own fine-tuned image encoder,
+        if it has one)."""
+        if method.image_encoder_frozen:
+            return shared
+        own = env.source.features_for(method, name)
+        own_row = {n: i for i, n in enumerate(own.names)}
+        refs_ = own.embeds.float()[[own_row[q.reference] for q in split.queries]]
+        refs_ = ImageFeatures(refs_, torch.empty(len(refs_), 0, 0))
+        world = gallery_embeddings(method, split, own)  # (N, d), normalised
+        parts_ = [world[[world_column[g] for g in kept]]]
+        with torch.no_grad():
+            for s in range(0, len(rendered), 256):
+                pixels = method.backbone.image_transform.from_uint8(rendered[s : s + 256])
+                parts_.append(method.encode_gallery(method.backbone.encode_image(pixels)).float())
+        return refs_, world.numpy(), F.normalize(torch.cat(parts_), dim=-1).numpy()
+
+    seen = {n: views(m) for n, m in methods.items()}
     world_truths_ = [[world_column[g] for g in q.targets] for q in split.queries]
-    variants = [  # (ground truths, texts, gallery, ground-truth columns, with the alt-text)
-        ("the world's", "the world's", world_gallery, world_truths_, False),
-        ("re-shot", "the world's", reshot_gallery, reshot_truths, False),
-        ("re-shot", "the world's + target alt-text", reshot_gallery, reshot_truths, True),
-        ("re-shot", "target-state + target alt-text", reshot_gallery, reshot_truths, True),
+    variants = [  # (ground truths, texts, ground-truth columns, with the alt-text)
+        ("the world's", "the world's", world_truths_, False),
+        ("re-shot", "the world's", reshot_truths, False),
+        ("re-shot", "the world's + target alt-text", reshot_truths, True),
+        ("re-shot", "target-state + target alt-text", reshot_truths, True),
     ]
     lines = ["| ground truths | texts | " + " | ".join(rows) + " |", "|---" * (2 + len(rows)) + "|"]
-    for where, label, gallery, gts, with_alt in variants:
+    for where, label, gts, with_alt in variants:
         exclude = excludes if where == "re-shot" else None
         texts = [q.text for q in split.queries]
         if label.startswith("target-state"):
@@ -202,12 +230,14 @@ def main() -> None:
             texts = [f"{t}, {alts[q.qid]}" for q, t in zip(split.queries, texts, strict=True)]
         cells = []
         for method_name in rows:
+            refs_seen, world_seen, reshot_seen = seen.get(method_name, shared)
+            gallery = reshot_seen if where == "re-shot" else world_seen
             with torch.no_grad():
                 if method_name == "ref. caption + text":
                     composed = [f"{eval_caption(refs[q.qid])}, {t}" for q, t in zip(split.queries, texts, strict=True)]
                     queries = env.backbone.encode_text(composed).embeds
                 else:
-                    queries = methods[method_name].compose(reference_features, texts)
+                    queries = methods[method_name].compose(refs_seen, texts)
             ranked = topk_inner_product(F.normalize(queries.float(), dim=-1).numpy(), gallery, 10, exclude=exclude)
             cells.append(circo_map_at_k(ranked.indices, [set(g) for g in gts], 10))
         lines.append(f"| {where} | {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")

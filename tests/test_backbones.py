@@ -10,6 +10,7 @@ from PIL import Image
 import cirlab
 from cirlab.backbones import parse_spec
 from cirlab.backbones.transforms import ImageTransform
+from cirlab.methods.base import load_method
 from cirlab.placeholder import PLACEHOLDER, fill_prompt, splice_pseudo_tokens
 from cirlab.types import Backbone
 
@@ -193,3 +194,24 @@ def test_a_modality_gap_scales_every_image_text_cosine_and_keeps_clip_logits_and
 def test_a_bad_modality_gap_is_refused(tiny_backbone_dir, gap):
     with pytest.raises(ValueError, match="modality_gap"):
         cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}", modality_gap=gap)
+
+
+def test_a_modality_gap_travels_with_the_backbone_spec_and_checkpoints_rebuild_it(tiny_backbone_dir, tmp_path):
+    spec = f"hf-clip:{tiny_backbone_dir}#gap=2"
+    gapped = cirlab.create_backbone(spec).freeze()
+    assert gapped.name == spec and gapped.modality_gap == 2.0 and gapped.embed_dim == 33
+    method = cirlab.create_method("sum", gapped)
+    method.save(tmp_path / "run")
+    loaded = load_method(tmp_path / "run")
+    assert loaded.backbone.name == spec and loaded.backbone.modality_gap == 2.0
+    assert loaded.backbone.identity() == gapped.identity()
+    for bad, message in [
+        ("#gap", "gap needs a length"),
+        ("#gap=-1", "finite number >= 0"),
+        ("#gap=nan", "finite number >= 0"),
+        ("#gap=x", "needs a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}{bad}")
+    with pytest.raises(ValueError, match="gap applies to"):
+        cirlab.create_backbone("tiny#gap=1")
