@@ -205,6 +205,10 @@ def test_a_modality_gap_travels_with_the_backbone_spec_and_checkpoints_rebuild_i
     loaded = load_method(tmp_path / "run")
     assert loaded.backbone.name == spec and loaded.backbone.modality_gap == 2.0
     assert loaded.backbone.identity() == gapped.identity()
+    # Built by the factory, with the gap as an argument: the name carries it all the same.
+    direct = cirlab.backbones.BACKBONES.get("hf-clip")(str(tiny_backbone_dir), modality_gap=2.0)
+    assert direct.name == f"hf-clip:{tiny_backbone_dir}#gap=2.0" and direct.identity() == gapped.identity()
+    assert cirlab.create_backbone(direct.name).modality_gap == 2.0
     for bad, message in [
         ("#gap", "gap needs a length"),
         ("#gap=-1", "finite number >= 0"),

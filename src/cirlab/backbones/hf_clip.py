@@ -221,8 +221,10 @@ class HFCLIPBackbone(nn.Module):
                 h.update(key.encode())
                 h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             h.update(self.model.visual_projection.weight.detach().cpu().float().numpy().tobytes())
-            gap = f"+gap{self.modality_gap:g}" if self.modality_gap else ""  # the image embeddings grow a dimension
-            self._fingerprint = f"{self.name}@{h.hexdigest()}{gap}"
+            # What the features depend on, however the spec spelled it: the weights, the gap (the image embeddings
+            # grow a dimension) and, below, the preprocessing; the spec's options are named by the last two.
+            gap = f"+gap{self.modality_gap:g}" if self.modality_gap else ""
+            self._fingerprint = f"{self.name.partition('#')[0]}@{h.hexdigest()}{gap}"
         return f"{self._fingerprint}/{self.image_transform.identity()}"
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -283,10 +285,19 @@ class HFCLIPBackbone(nn.Module):
         except OSError:
             proc = {}
         transform = ImageTransform.from_hf_config(proc, default_size=model.config.vision_config.image_size)
-        return cls(model.eval(), tokenizer, transform, name=f"hf-clip:{name_or_path}", modality_gap=modality_gap)
+        name = gap_spec(f"hf-clip:{name_or_path}", modality_gap)
+        return cls(model.eval(), tokenizer, transform, name=name, modality_gap=modality_gap)
 
 
 @BACKBONES.register("hf-clip")
 def hf_clip(weights: str = "openai/clip-vit-large-patch14", **kwargs: Any) -> HFCLIPBackbone:
     """Hugging Face CLIP from a hub id or a local directory: ``hf-clip:openai/clip-vit-large-patch14``."""
     return HFCLIPBackbone.from_pretrained(weights, **kwargs)
+
+
+def gap_spec(spec: str, modality_gap: float) -> str:
+    """``spec`` with the modality gap as an option (``...#gap=C``), so that a checkpoint's recorded backbone name
+    rebuilds it; unchanged without a gap."""
+    if not modality_gap:
+        return spec
+    return f"{spec}{'&' if '#' in spec else '#'}gap={modality_gap!r}"

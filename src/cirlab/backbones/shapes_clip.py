@@ -61,13 +61,14 @@ def verify(directory: Path, record: dict[str, Any]) -> None:
 
 @BACKBONES.register("shapes-clip")
 def shapes_clip(weights: str | None = None, **kwargs: Any) -> Any:
-    """The shipped Shapes CLIP (digests checked), or ``shapes-clip:<dir>`` for one written by ``shapes-pretrain``."""
-    from cirlab.backbones.hf_clip import HFCLIPBackbone
+    """The shipped Shapes CLIP (digests checked), or ``shapes-clip:<dir>`` for one written by ``shapes-pretrain``;
+    ``modality_gap`` (or the spec option ``#gap=C``) gives it a modality gap (``HFCLIPBackbone``)."""
+    from cirlab.backbones.hf_clip import HFCLIPBackbone, gap_spec
 
     directory = Path(weights) if weights else shipped_dir()
     record_path = directory / RECORD_FILE
     if record_path.is_file():
         verify(directory, shipped_record(directory))
     backbone = HFCLIPBackbone.from_pretrained(str(directory), **kwargs)
-    backbone.name = f"shapes-clip:{weights}" if weights else "shapes-clip"
+    backbone.name = gap_spec(f"shapes-clip:{weights}" if weights else "shapes-clip", backbone.modality_gap)
     return backbone
