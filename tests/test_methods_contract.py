@@ -214,3 +214,31 @@ def test_methods_that_read_images_refuse_to_compose_without_them(name, tiny_back
     method = _method(name, tiny_backbone, generative_configs)
     with pytest.raises(ValueError, match="reads the reference images"):
         compose_with_context(method, table.gather(torch.arange(3)), TEXTS, None)
+
+
+@pytest.fixture(scope="module")
+def gapped(tiny_backbone_dir):
+    """The tiny CLIP with a modality gap: its joint space has one more dimension, which only texts use."""
+    return cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}#gap=1.5").freeze()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_composes_and_trains_on_a_backbone_with_a_modality_gap(
+    name, gapped, pixels, references, generative_configs
+):
+    with torch.no_grad():
+        feats = gapped.encode_image(pixels)
+    table = FeatureTable([f"img{i}" for i in range(24)], feats.embeds, feats.tokens.half())
+    method = _method(name, gapped, generative_configs)
+    with torch.no_grad():
+        q = _compose(method, table, [0, 1, 2], TEXTS, references)
+        g = method.encode_gallery(table.gather(torch.arange(5)))
+    assert q.shape == (3, gapped.embed_dim) and g.shape == (5, gapped.embed_dim)
+    assert torch.isfinite(q).all() and torch.isfinite(g).all()
+    for stage in (s.name for s in METHODS.get(name).stages):
+        method.prepare_stage(stage)
+        batch = _batch_fn(method.stage(stage).data, _images(method, stage, table, pixels))(0, 0)
+        method.train()
+        loss = method.training_loss(stage, batch)["loss"]
+        assert torch.isfinite(loss), f"{name}/{stage} on the gapped backbone: loss {loss}"
+        loss.backward()

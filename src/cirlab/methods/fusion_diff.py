@@ -64,6 +64,7 @@ from cirlab.modules.joint_space import CLIPJointSpace
 from cirlab.modules.prior import PriorDenoiser
 from cirlab.modules.prior_pipeline import FusionDiffPipeline
 from cirlab.modules.schedule import NoiseSchedule
+from cirlab.modules.widths import heads_width
 from cirlab.types import ImageFeatures, PairEncoder, PairFeatures
 
 FusedKind = Literal["sum", "pair"]
@@ -75,7 +76,7 @@ class FusionDiffConfig:
     """Settings of Fusion-Diff (sizes, ablation switches, sampling).
 
     Attributes:
-        width: denoiser token width (0: ``2 d``).
+        width: denoiser token width (0: ``2 d``, rounded up to a multiple of ``heads``).
         layers: denoiser blocks.
         heads: denoiser attention heads.
         dropout: dropout inside the denoiser and the adapter.
@@ -85,7 +86,7 @@ class FusionDiffConfig:
         use_adapter: train and use the Control-Adapter (false: the stage-1 prior alone).
         adapter_from_scratch: skip stage 1; train the prior jointly with the adapter on the synthetic triplets.
         adapter_kind: ``transformer`` (blocks over the control tokens) or ``mlp``.
-        adapter_width: adapter width (0: ``d``).
+        adapter_width: adapter width (0: ``d``, rounded up to a multiple of ``adapter_heads``).
         adapter_layers: adapter blocks (or hidden layers of the MLP).
         adapter_heads: adapter attention heads.
         adapter_timestep: the adapter also reads the diffusion timestep.
@@ -157,7 +158,7 @@ class FusionDiff(CIRMethod):
                 " cached image features, from which the pair prompt's z(I_ref, text) cannot be formed"
             )
         d = backbone.embed_dim
-        width = c.width or 2 * d
+        width = c.width or heads_width(2 * d, c.heads)
         self.joint = CLIPJointSpace(backbone, c.text_cache)
         self.schedule = NoiseSchedule(c.num_timesteps)
         self.embed_scale = c.embed_scale if c.embed_scale > 0 else math.sqrt(d)
@@ -171,7 +172,7 @@ class FusionDiff(CIRMethod):
                 c.layers,
                 self.prior.num_tokens,
                 kind=c.adapter_kind,
-                width=c.adapter_width or d,
+                width=c.adapter_width or heads_width(d, c.adapter_heads),
                 layers=c.adapter_layers,
                 heads=c.adapter_heads,
                 use_timestep=c.adapter_timestep,

@@ -46,6 +46,7 @@ from cirlab.data.pseudo_targets import PseudoTargetOptions
 from cirlab.methods.base import CIRMethod, Stage, register_method
 from cirlab.modules.losses import info_nce
 from cirlab.modules.token_fusion import AdaptiveTokenFusion
+from cirlab.modules.widths import heads_width
 from cirlab.types import ImageFeatures, TextFeatures
 
 FUSIONS = ("atf", "sum", "concat_mlp")
@@ -64,7 +65,8 @@ class TMCIRConfig:
         symmetric_align: two-way InfoNCE in stage A, as CLIP (False: text -> image only).
         fusion: ``atf`` (adaptive token fusion), ``sum`` or ``concat_mlp`` (ablations).
         fusion_prompt: the text given to the text encoder in stage B and at inference.
-        fusion_width: ATF common width (0: the backbone's embedding dimension).
+        fusion_width: ATF common width (0: the backbone's embedding dimension, rounded up to a multiple of
+            ``fusion_heads``).
         fusion_heads: ATF attention heads.
         fusion_layers: ATF transformer layers over ``[CLS; fused; kept]``.
         fusion_mlp_ratio: ATF MLP width over its width.
@@ -136,7 +138,7 @@ class TMCIR(CIRMethod):
                 backbone.token_dim,
                 d,
                 max_text_tokens=int(self.backbone.context_length),
-                width=cfg.fusion_width or d,
+                width=cfg.fusion_width or heads_width(d, cfg.fusion_heads),
                 heads=cfg.fusion_heads,
                 layers=cfg.fusion_layers,
                 mlp_ratio=cfg.fusion_mlp_ratio,
