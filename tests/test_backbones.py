@@ -218,4 +218,34 @@ def test_a_modality_gap_travels_with_the_backbone_spec_and_checkpoints_rebuild_i
         with pytest.raises(ValueError, match=message):
             cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}{bad}")
     with pytest.raises(ValueError, match="gap applies to"):
-        cirlab.create_backbone("tiny#gap=1")
+        cirlab.create_backbone("open-clip#gap=1")
+
+
+def test_a_gap_given_as_an_argument_is_named_and_a_spec_keeps_it_everywhere(tiny_backbone_dir):
+    import numpy as np
+
+    from cirlab.index.model import absolute_spec
+
+    padded = cirlab.create_backbone(f"hf-clip:{tiny_backbone_dir}#targetpad=1.25", modality_gap=1.5)
+    rebuilt = cirlab.create_backbone(padded.name)
+    assert rebuilt.modality_gap == 1.5 and rebuilt.image_transform.pad_ratio == 1.25
+    assert cirlab.create_backbone("tiny", modality_gap=np.float64(0.5)).name == "tiny#gap=0.5"
+    assert cirlab.create_backbone("tiny#gap=0.5").embed_dim == cirlab.create_backbone("tiny").embed_dim + 1
+    with pytest.raises(ValueError, match="differs from modality_gap"):
+        cirlab.create_backbone("tiny#gap=0.5", modality_gap=1.0)
+    local = f"hf-clip:{tiny_backbone_dir}#gap=1.5"
+    assert absolute_spec(local).endswith("#gap=1.5")
+    gapped = cirlab.create_backbone(local)
+    assert gapped.max_logit_scale == pytest.approx(100 * np.hypot(1, 1.5))
+
+
+def test_a_checkpoint_trained_with_a_gap_is_not_evaluated_on_the_plain_shapes_clip(tiny_backbone, tmp_path):
+    from types import SimpleNamespace
+
+    import typer
+
+    from cirlab.cli.train import _shapes_model
+
+    cirlab.create_method("sum", cirlab.create_backbone("tiny#gap=0.5")).save(tmp_path / "run")
+    with pytest.raises(typer.BadParameter, match=r"modality gap 0\.5"):
+        _shapes_model(None, tmp_path / "run", SimpleNamespace(backbone=tiny_backbone), False, [])

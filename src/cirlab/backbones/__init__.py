@@ -13,7 +13,7 @@ __all__ = ["BACKBONES", "create_backbone", "parse_spec"]
 # Options after ``#`` in a spec: ``targetpad`` changes the image preprocessing, ``gap`` the joint space (a CLIP's
 # ``modality_gap``). Both are part of the spec, so a checkpoint's recorded backbone name rebuilds them.
 SPEC_OPTIONS = ("targetpad", "gap")
-GAP_BACKBONES = ("hf-clip", "shapes-clip")  # the ones built on ``HFCLIPBackbone``, which implements the gap
+GAP_BACKBONES = ("hf-clip", "shapes-clip", "tiny")  # the factories that pass ``modality_gap`` to ``HFCLIPBackbone``
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -57,16 +57,20 @@ def create_backbone(spec: str, **kwargs: Any) -> Any:
     spec, so checkpoints rebuild the same preprocessing and joint space."""
     import dataclasses
 
+    from cirlab.backbones.hf_clip import gap_spec
+
     name, weights = parse_spec(spec)
     options = spec_options(spec)
     if "gap" in options:
         if name not in GAP_BACKBONES:
-            raise ValueError(f"backbone spec {spec!r}: gap applies to {' and '.join(GAP_BACKBONES)} backbones only")
+            raise ValueError(f"backbone spec {spec!r}: gap applies to {', '.join(GAP_BACKBONES)} backbones only")
+        if float(kwargs.get("modality_gap", options["gap"])) != options["gap"]:
+            raise ValueError(f"backbone spec {spec!r}: its gap differs from modality_gap={kwargs['modality_gap']}")
         kwargs["modality_gap"] = options["gap"]
     factory = BACKBONES.get(name)
     backbone = factory(weights, **kwargs) if weights is not None else factory(**kwargs)
     if "targetpad" in options:
         backbone.image_transform = dataclasses.replace(backbone.image_transform, pad_ratio=options["targetpad"])
-    if options:
-        backbone.name = spec
+    if options:  # the spec names the options; a gap given as an argument is added to it
+        backbone.name = spec if "gap" in options else gap_spec(spec, getattr(backbone, "modality_gap", 0.0))
     return backbone

@@ -70,8 +70,11 @@ class HFCLIPBackbone(nn.Module):
             from scratch does not (the Shapes CLIP's unmatched image-caption cosines are below zero). The offset
             leaves every ranking of images by one text, and of texts by one image, as it is: it divides every
             image-text cosine by ``sqrt(1 + c**2)``. The logit scale is multiplied by that factor when the
-            backbone is built, so CLIP's own logits, and every loss at CLIP's temperature, do not change either.
-            What changes is how much a text moves a sum with an image embedding: by ``1 / sqrt(1 + c**2)``.
+            backbone is built, and so is its clamp (``max_logit_scale``), so CLIP's own image-text logits, and
+            every image-text loss at CLIP's temperature, do not change either. What changes is how much a text
+            moves a sum with an image embedding (by ``1 / sqrt(1 + c**2)``), text-text cosines (pulled towards 1:
+            a softmax over them at CLIP's temperature sees them scaled by ``1 / sqrt(1 + c**2)``) and image-image
+            logits at CLIP's temperature (sharper by ``sqrt(1 + c**2)``). ``model.logit_scale`` is raised in place.
     """
 
     has_image_tokens = True
@@ -115,6 +118,11 @@ class HFCLIPBackbone(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         """CLIP's learnable log inverse temperature."""
         return self.model.logit_scale
+
+    @property
+    def max_logit_scale(self) -> float:
+        """CLIP's clamp on ``exp(logit_scale)`` (100), raised with the scale by a modality gap."""
+        return 100.0 * math.hypot(1.0, self.modality_gap)
 
     @property
     def device(self) -> torch.device:
@@ -223,7 +231,7 @@ class HFCLIPBackbone(nn.Module):
             h.update(self.model.visual_projection.weight.detach().cpu().float().numpy().tobytes())
             # What the features depend on, however the spec spelled it: the weights, the gap (the image embeddings
             # grow a dimension) and, below, the preprocessing; the spec's options are named by the last two.
-            gap = f"+gap{self.modality_gap:g}" if self.modality_gap else ""
+            gap = f"+gap{self.modality_gap!r}" if self.modality_gap else ""
             self._fingerprint = f"{self.name.partition('#')[0]}@{h.hexdigest()}{gap}"
         return f"{self._fingerprint}/{self.image_transform.identity()}"
 
@@ -285,7 +293,7 @@ class HFCLIPBackbone(nn.Module):
         except OSError:
             proc = {}
         transform = ImageTransform.from_hf_config(proc, default_size=model.config.vision_config.image_size)
-        name = gap_spec(f"hf-clip:{name_or_path}", modality_gap)
+        name = gap_spec(f"hf-clip:{name_or_path}", float(modality_gap))
         return cls(model.eval(), tokenizer, transform, name=name, modality_gap=modality_gap)
 
 
@@ -300,4 +308,4 @@ def gap_spec(spec: str, modality_gap: float) -> str:
     rebuilds it; unchanged without a gap."""
     if not modality_gap:
         return spec
-    return f"{spec}{'&' if '#' in spec else '#'}gap={modality_gap!r}"
+    return f"{spec}{'&' if '#' in spec else '#'}gap={float(modality_gap)!r}"

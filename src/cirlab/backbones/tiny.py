@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cirlab.backbones.hf_clip import HFCLIPBackbone
+from cirlab.backbones.hf_clip import HFCLIPBackbone, gap_spec
 from cirlab.backbones.tokenizer import BASIC_CORPUS, train_bpe_tokenizer
 from cirlab.backbones.transforms import ImageTransform
 from cirlab.registry import BACKBONES
@@ -126,11 +126,16 @@ def build_small_clip(cfg: SmallCLIPConfig, corpus: Iterable[str], seed: int = 0,
 
 
 @BACKBONES.register("tiny")
-def tiny(weights: str | None = None, seed: int = 0, **overrides: Any) -> HFCLIPBackbone:
-    """A tiny random CLIP (32 px, 2+2 layers, width 32) for tests; ``weights`` is unused (always random)."""
+def tiny(weights: str | None = None, seed: int = 0, modality_gap: float = 0.0, **overrides: Any) -> HFCLIPBackbone:
+    """A tiny random CLIP (32 px, 2+2 layers, width 32) for tests; ``weights`` is unused (always random);
+    ``modality_gap`` as in ``HFCLIPBackbone``."""
     if weights:
         raise ValueError("the 'tiny' backbone is random-initialised and takes no weights; use hf-clip:<dir>")
-    return build_small_clip(SmallCLIPConfig(**overrides), BASIC_CORPUS.split(" . "), seed=seed, name="tiny")
+    plain = build_small_clip(SmallCLIPConfig(**overrides), BASIC_CORPUS.split(" . "), seed=seed, name="tiny")
+    if not modality_gap:
+        return plain
+    name = gap_spec("tiny", float(modality_gap))
+    return HFCLIPBackbone(plain.model, plain.tokenizer, plain.image_transform, name=name, modality_gap=modality_gap)
 
 
 def save_tiny_mllm(path: str | Path, seed: int = 0) -> Path:

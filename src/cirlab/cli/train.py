@@ -70,6 +70,19 @@ def _shapes_model(method: str | None, checkpoint: Path | None, env, quick: bool,
     from cirlab.methods import load_method
 
     if checkpoint:
+        from cirlab.backbones import spec_options
+        from cirlab.io import read_json
+        from cirlab.methods.base import CONFIG_FILE
+
+        meta = read_json(checkpoint / CONFIG_FILE) if (checkpoint / CONFIG_FILE).is_file() else {}
+        recorded = str(meta.get("backbone", "")) if isinstance(meta, dict) else ""  # load_method names what is wrong
+        gap = spec_options(recorded).get("gap", 0.0)
+        if gap != getattr(env.backbone, "modality_gap", 0.0):
+            # The world's CLIP is the plain one; a checkpoint trained with a gap would silently rank in another space.
+            raise typer.BadParameter(
+                f"{checkpoint}: trained on {recorded!r} (modality gap {gap:g}); the Shapes world's CLIP here has none",
+                param_hint="--checkpoint",
+            )
         model = load_method(checkpoint, backbone=env.backbone)
         model.config = apply_overrides(model.config, overrides)
         return model

@@ -67,10 +67,12 @@ class ModelSpec:
 
 
 def absolute_spec(spec: str) -> str:
-    """``spec`` with a local weights path made absolute, so the index works from any directory."""
+    """``spec`` with a local weights path made absolute, so the index works from any directory; its options
+    (``#targetpad=...``, ``#gap=...``) are kept."""
     name, weights = parse_spec(spec)
+    _, sep, options = spec.partition("#")
     if weights and Path(weights).exists():
-        return f"{name}:{Path(weights).resolve()}"
+        return f"{name}:{Path(weights).resolve()}{sep}{options}"
     return spec
 
 

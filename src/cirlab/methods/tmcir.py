@@ -233,7 +233,7 @@ class TMCIR(CIRMethod):
         if stage == "align":
             text = self.encode_text_tokens(self.config.align_prompt, batch["text"])
             t = F.normalize(text.embeds.float(), dim=-1)  # (B, d)
-            scale = self.backbone.model.logit_scale.exp().clamp(max=100.0)
+            scale = self.backbone.model.logit_scale.exp().clamp(max=self.backbone.max_logit_scale)
             loss = info_nce(t, target, 1.0 / scale, symmetric=self.config.symmetric_align)
             return {"loss": loss, "scale": scale.detach()}
         q = self.fuse(batch["ref"], self.encode_text_tokens(self.config.fusion_prompt, batch["text"]))

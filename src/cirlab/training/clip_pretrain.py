@@ -163,7 +163,7 @@ def pretrain_clip(
         pixels, captions, positives = batch
         v = F.normalize(backbone.encode_image(pixels).embeds.float(), dim=-1)  # (B, d)
         t = F.normalize(backbone.encode_text(backbone.tokenize(captions)).embeds.float(), dim=-1)  # (B, d)
-        scale = backbone.logit_scale.exp().clamp(max=100.0)
+        scale = backbone.logit_scale.exp().clamp(max=backbone.max_logit_scale)
         return {"loss": multi_positive_nce(v, t, positives, scale), "scale": scale.detach()}
 
     result = train(
