@@ -14,7 +14,8 @@ a re-shot variant world (``study_shapes_reshoot_world.py``'s ``--variant-runs``,
 its own fine-tuned image encoder's features.
 
     python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR]
+        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR] \\
+        [--peer-set PEER:key=value ...]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
 with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a modality gap of length C
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: none)")
     parser.add_argument("--sum-weights", type=float, nargs="*", default=[], help="extra sum rows at these text weights")
     parser.add_argument("--combiner-run", type=Path, default=None, help="a combiner run trained on a re-shot variant")
+    parser.add_argument(
+        "--peer-set", nargs="*", default=[], help="PEER:key=value run-config overrides of a peer (a diagnosis)"
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
@@ -145,7 +149,8 @@ def main() -> None:
     reference_features = ImageFeatures(references, torch.empty(len(references), 0, 0))
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
-        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False)[0].eval()
+        overrides = tuple(o.partition(":")[2] for o in args.peer_set if o.partition(":")[0] == n)
+        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False, overrides)[0].eval()
     rows = list(ROWS)
     if args.combiner_run is not None:
         methods["combiner"] = load_method(args.combiner_run, backbone=env.backbone).eval()

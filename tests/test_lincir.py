@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,3 +37,100 @@ def test_a_caption_without_keywords_has_one_random_word_masked(tiny_backbone):
     masked = {method.mask_keywords("a photo of nothing", torch.Generator().manual_seed(s)) for s in range(20)}
     assert len(masked) > 1 and all(m.count("$") >= 1 for m in masked)
     assert all(sum(w != m for w, m in zip(words, x.split(), strict=True)) == 1 for x in masked)
+
+
+# --- the part-of-speech lexicon that stands in for spaCy on a closed vocabulary --------------------------------------
+
+LEXICON = {"DET": ["a", "the"], "ADJ": ["large", "red", "blue"], "NOUN": ["circle", "top", "left", "square"]}
+
+
+@pytest.mark.parametrize(
+    ("caption", "runs", "masked"),
+    [
+        ("a large red circle at the top", ["a large red circle", "the top"], "$ at $"),
+        ("top left: a large red circle", ["top left", "a large red circle"], "$ : $"),
+        ("there is a blue square, at the top left", ["a blue square", "the top left"], "there is $ , at $"),
+    ],
+)
+def test_a_pos_lexicon_masks_the_tagger_runs(tiny_backbone, caption, runs, masked):
+    method = LinCIR(tiny_backbone, LinCIRConfig(pos_lexicon=LEXICON))
+    assert method.masked_runs(caption) == runs
+    assert method.mask_keywords(caption) == masked
+
+
+def test_a_pos_lexicon_keeps_the_reference_string_replacement(tiny_backbone):
+    # "the top" is replaced everywhere, so the later run "the top left" is gone: one random word instead, then stop.
+    method = LinCIR(tiny_backbone, LinCIRConfig(pos_lexicon=LEXICON))
+    caption = "a circle at the top and a square at the top left"
+    assert method.masked_runs(caption) == ["a circle", "the top", "a square", "the top left"]
+    masked = method.mask_keywords(caption, torch.Generator().manual_seed(0))
+    assert masked.startswith("$ at $ and $ at $") and masked.count("$") >= 4
+
+
+def test_a_pos_lexicon_gives_the_same_runs_as_a_spacy_pipeline_with_those_tags(tiny_backbone, tmp_path):
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("attribute_ruler")
+    for pos, words in LEXICON.items():
+        ruler.add([[{"LOWER": {"IN": words}}]], {"POS": pos})
+    nlp.to_disk(tmp_path / "pos")
+    tagged = LinCIR(tiny_backbone, LinCIRConfig(tagger=str(tmp_path / "pos")))
+    lexicon = LinCIR(tiny_backbone, LinCIRConfig(pos_lexicon=LEXICON))
+    for caption in ("top left: a large red circle, the blue square at the left", "a circle; the top", "red"):
+        assert lexicon.masked_runs(caption) == tagged.masked_runs(caption)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"pos_lexicon": {"NOUNS": ["circle"]}}, "not a universal part-of-speech tag"),
+        ({"pos_lexicon": {"NOUN": ["square"], "ADJ": ["square"]}}, "lists 'square' under NOUN and ADJ"),
+        ({"pos_lexicon": LEXICON, "keywords": ["circle"]}, "at most one of tagger, pos_lexicon and keywords"),
+    ],
+)
+def test_a_malformed_pos_lexicon_is_refused(tiny_backbone, config, message):
+    with pytest.raises(ValueError, match=message):
+        LinCIR(tiny_backbone, LinCIRConfig(**config))
+
+
+def test_the_shapes_preset_tags_every_word_of_the_world_captions(tiny_backbone):
+    """Every word of the Shapes corpus captions is either tagged by the preset's lexicon or a word that spaCy tags
+    outside the masked parts of speech; a new word in the caption grammar must be placed in one or the other."""
+    import random
+
+    from cirlab.data.shapes.corpus import caption_for
+    from cirlab.data.shapes.world import SceneConfig, sample_scene
+    from cirlab.experiments.runs import load_run_config
+
+    unmasked = {
+        "there",
+        "is",
+        "with",
+        "showing",
+        "of",
+        "in",
+        "at",
+        "and",
+        "among",
+        "on",
+        "them",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        ",",
+        ":",
+    }  # pronouns, verbs, prepositions, numbers, punctuation
+    lexicon = load_run_config("lincir", "shapes").method.pos_lexicon
+    tagged = {w for words in lexicon.values() for w in words}
+    rng = random.Random(0)
+    words = set()
+    for _ in range(400):
+        scene = sample_scene(rng, SceneConfig())
+        for style in ("alt-text", "caption"):
+            words |= {w for w in re.findall(r"[\w']+|[^\w\s]", caption_for(scene, rng, style).lower())}
+    assert {"top", "circle", "red", "shapes"} <= words  # the sample reaches the grammar's place and attribute words
+    assert words - tagged - unmasked == set()
+    assert {"top", "left", "center", "photo", "scene"} <= tagged  # place phrases are masked, as spaCy's runs are

@@ -16,10 +16,11 @@ by the ``cc3m-vitl14`` preset). Inference (``validate.py``): ``phi`` reads the r
 ``q = t("a photo of $ that {text}")``; FashionIQ averages the normalised queries of both caption orders.
 
 Every setting is a ``LinCIRConfig`` field whose default is the public code's. Departures available as fields:
-``tagger`` empty (no part-of-speech tagger: runs of the words in ``keywords``, with the article before them, stand
-in, as on the Shapes world where the captions' attribute and shape words are known), ``mask: words`` (each keyword
-alone), ``normalize`` (noise and loss on L2-normalised embeddings), ``noise_max``, ``normalize_input`` (``phi``
-reads the normalised image embedding), the prompts and ``fashioniq_join``. A spaCy tagger needs the ``[pos]`` extra
+``tagger`` empty (no part-of-speech tagger) with either ``pos_lexicon`` (each word's part of speech read from a
+lexicon, for a closed vocabulary such as the Shapes world's captions; the runs are then the tagger's runs) or
+``keywords`` (runs of the listed words, with the article before them), ``mask: words`` (each keyword alone),
+``normalize`` (noise and loss on L2-normalised embeddings), ``noise_max``, ``normalize_input`` (``phi`` reads the
+normalised image embedding), the prompts and ``fashioniq_join``. A spaCy tagger needs the ``[pos]`` extra
 and a pipeline (a package name such as ``en_core_web_sm``, or a folder written by ``nlp.to_disk``).
 """
 
@@ -41,6 +42,29 @@ from cirlab.types import ImageFeatures
 
 # The parts of speech whose maximal runs LinCIR's loader masks (``extract_keywords_spacy``).
 MASKED_POS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
+# Universal dependencies' part-of-speech tags (spaCy's ``token.pos_``), the keys a ``pos_lexicon`` may use.
+UPOS_TAGS = frozenset(
+    [
+        "ADJ",
+        "ADP",
+        "ADV",
+        "AUX",
+        "CCONJ",
+        "DET",
+        "INTJ",
+        "NOUN",
+        "NUM",
+        "PART",
+        "PRON",
+        "PROPN",
+        "PUNCT",
+        "SCONJ",
+        "SYM",
+        "VERB",
+        "X",
+    ]
+)
+LEXICON_TOKEN = re.compile(r"[\w']+|[^\w\s]")
 RUN_CACHE_SIZE = 200_000
 
 
@@ -48,8 +72,11 @@ RUN_CACHE_SIZE = 200_000
 class LinCIRConfig:
     """Attributes:
     tagger: spaCy pipeline whose part-of-speech tags pick the masked runs (a package name or a folder); empty: the
-        ``keywords`` stand-in.
-    keywords: words masked when there is no tagger.
+        ``pos_lexicon`` or ``keywords`` stand-in.
+    pos_lexicon: universal part-of-speech tag -> the words that carry it, standing in for the tagger on a closed
+        vocabulary (a word listed nowhere has no tag, so it is never masked); the masked runs are the maximal runs
+        of determiner / adjective / noun / proper-noun words, exactly as with the tagger.
+    keywords: words masked when there is neither a tagger nor a ``pos_lexicon``.
     mask: with ``keywords``: "phrases" (each run of keywords, with the article before it, becomes one placeholder,
         as the tagger's runs do) or "words" (each keyword becomes a placeholder).
     fallback_prompt: the training text of a caption whose placeholder did not survive truncation.
@@ -61,6 +88,7 @@ class LinCIRConfig:
     """
 
     tagger: str = ""
+    pos_lexicon: dict[str, list[str]] = field(default_factory=dict)
     keywords: list[str] = field(default_factory=list)
     mask: str = "phrases"
     fallback_prompt: str = "a photo of $"
@@ -86,6 +114,15 @@ class LinCIR(CIRMethod):
         self.phi = SearlePhi(backbone.embed_dim, backbone.token_dim, hidden=c.hidden or None, dropout=c.dropout)
         if c.mask not in ("phrases", "words"):
             raise ValueError(f"lincir: mask must be 'phrases' or 'words', got {c.mask!r}")
+        if sum(map(bool, (c.tagger, c.pos_lexicon, c.keywords))) > 1:
+            raise ValueError("lincir: give at most one of tagger, pos_lexicon and keywords")
+        self._pos: dict[str, str] = {}
+        for tag, tag_words in c.pos_lexicon.items():
+            if tag not in UPOS_TAGS:
+                raise ValueError(f"lincir: pos_lexicon tag {tag!r} is not a universal part-of-speech tag")
+            for word in tag_words:
+                if self._pos.setdefault(word.lower(), tag) != tag:
+                    raise ValueError(f"lincir: pos_lexicon lists {word!r} under {self._pos[word.lower()]} and {tag}")
         if PLACEHOLDER not in c.fallback_prompt:
             raise ValueError(f"lincir: fallback_prompt {c.fallback_prompt!r} has no placeholder {PLACEHOLDER!r}")
         words = sorted(c.keywords, key=len, reverse=True)
@@ -111,16 +148,20 @@ class LinCIR(CIRMethod):
         return self._nlp
 
     def masked_runs(self, caption: str) -> list[str]:
-        """The runs of ``caption`` to mask, in order: maximal determiner/adjective/noun runs by the tagger, or the
-        keyword runs (or words) of the stand-in; computed once per caption."""
+        """The runs of ``caption`` to mask, in order: maximal determiner/adjective/noun runs by the tagger (or the
+        ``pos_lexicon``), or the keyword runs (or words) of the stand-in; computed once per caption."""
         if caption not in self._runs:
             if len(self._runs) >= RUN_CACHE_SIZE:
                 self._runs.clear()  # a corpus of millions of captions would otherwise keep every one
-            if self.config.tagger:
+            if self.config.tagger or self._pos:
+                if self.config.tagger:
+                    tagged = [(token.text, token.pos_) for token in self._tagger()(caption)]
+                else:  # split as spaCy does on this vocabulary: words, and each punctuation mark on its own
+                    tagged = [(w, self._pos.get(w, "X")) for w in LEXICON_TOKEN.findall(caption)]
                 runs, current = [], []
-                for token in self._tagger()(caption):
-                    if token.pos_ in MASKED_POS:
-                        current.append(token.text)
+                for text, pos in tagged:
+                    if pos in MASKED_POS:
+                        current.append(text)
                     elif current:
                         runs.append(" ".join(current))
                         current = []
