@@ -9,7 +9,10 @@ aimed at it: on the CIRR-format val split it measures, for the backbone as it is
 * the mean pairwise cosine among images, among the captions, and among the modification texts;
 * the distance between the image and the caption centroids (the modality gap as it is usually reported);
 * per query, the spread (standard deviation over the gallery) of the reference image's cosine and of the
-  modification text's cosine, averaged over queries: how much each term of ``sum`` moves its ranking.
+  modification text's cosine, averaged over queries: how much each term of ``sum`` moves its ranking;
+* the logit scale at which the gapped backbone scores CLIP's image-text logits unchanged (``HFCLIPBackbone``
+  lifts it so): the CLIP's own scale over W. Real CLIPs learn a scale of 100 (the clamp), so W = scale / 100 is the
+  gap at which this small CLIP's cross-modal cosines are as compressed as a real CLIP's must be for the same logits.
 
 The offset changes text cosines only; image-to-image ones stay as they are, and so does every text-to-image
 ranking.
@@ -79,9 +82,10 @@ def main() -> None:
     print(f"{name}, world {env.world.world_id}: {len(split.gallery)} gallery images, {len(split.queries)} queries")
     print(
         "| text weight W | image-own caption | image-other captions | image-image | caption-caption | text-text"
-        " | centroid distance | reference spread | text spread |"
+        " | centroid distance | reference spread | text spread | logit scale |"
     )
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
+    scale = float(env.backbone.model.logit_scale.exp())
     for w in args.weights:
         # An offset c orthogonal to every embedding, |c|^2 = 1/W^2 - 1: a text t becomes (t + c) / |t + c| = W (t + c),
         # so text-image cosines scale by W, and text-text cosines become W^2 (cos + |c|^2).
@@ -98,7 +102,10 @@ def main() -> None:
             image_spread,
             w * text_spread,
         ]
-        print(f"| {w:g} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        print(f"| {w:g} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {scale / w:.1f} |")
+    w100 = scale / 100.0
+    c100 = math.sqrt(1 / w100**2 - 1)
+    print(f"logit scale {scale:.2f}: a real CLIP's 100 is reached at W = {w100:.4f} (C = {c100:.4f})")
 
 
 if __name__ == "__main__":
