@@ -8,7 +8,8 @@ training loop selects checkpoints on). The scale is chosen on validation only; t
 
     python benchmarks/study_lincir_noise.py [--quick] [--seed N] [--mask phrases|words] [--noise 0 0.1 0.25 1.0]
 
-docs/RESULTS.md has its tables, before and after LinCIR's phrase masking (``method.mask``).
+``--mask words`` masks each attribute and shape word alone (the keyword stand-in), in place of the preset's
+part-of-speech lexicon. docs/RESULTS.md has its tables, before and after LinCIR's phrase masking (``method.mask``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cirlab.data.shapes.captions import SIZE_WORDS
+from cirlab.data.shapes.world import COLOURS, SHAPES
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
 from cirlab.experiments.shapes_env import prepare_shapes
 from cirlab.methods.base import DataRequest
 from cirlab.modules.pseudo_word import text_embeds
+
+# The attribute and shape words, masked one by one with ``--mask words`` (the keyword stand-in).
+WORDS = (*SHAPES, *COLOURS, *(w for words in SIZE_WORDS.values() for w in words))
 
 
 def gap_statistics(env, n: int = 1000) -> dict[str, float]:
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for noise in args.noise:
         t0 = time.perf_counter()
         overrides = (f"method.noise_max={noise}", f"method.mask={args.mask}")
+        if args.mask == "words":  # each keyword alone: the keyword stand-in, in place of the preset's lexicon
+            overrides += ("method.pos_lexicon={}", f"method.keywords=[{','.join(WORDS)}]")
         _, report = train_or_load("lincir", env, args.seed, args.quick, args.runs, False, overrides)
         val = report["mapping"]["val"]
         print(

@@ -64,7 +64,8 @@ UPOS_TAGS = frozenset(
         "X",
     ]
 )
-LEXICON_TOKEN = re.compile(r"[\w']+|[^\w\s]")
+# How spaCy splits the Shapes captions: words, a possessive "'s", each punctuation mark on its own.
+LEXICON_TOKEN = re.compile(r"\w+|'s\b|[^\w\s]")
 RUN_CACHE_SIZE = 200_000
 
 
@@ -115,12 +116,21 @@ class LinCIR(CIRMethod):
         if c.mask not in ("phrases", "words"):
             raise ValueError(f"lincir: mask must be 'phrases' or 'words', got {c.mask!r}")
         if sum(map(bool, (c.tagger, c.pos_lexicon, c.keywords))) > 1:
-            raise ValueError("lincir: give at most one of tagger, pos_lexicon and keywords")
+            raise ValueError(
+                "lincir: give at most one of tagger, pos_lexicon and keywords (to use keywords on a preset with a "
+                "pos_lexicon, also set method.pos_lexicon={})"
+            )
+        if c.mask == "words" and not c.keywords:
+            raise ValueError("lincir: mask 'words' applies to the keywords stand-in only; set method.keywords")
         self._pos: dict[str, str] = {}
         for tag, tag_words in c.pos_lexicon.items():
             if tag not in UPOS_TAGS:
                 raise ValueError(f"lincir: pos_lexicon tag {tag!r} is not a universal part-of-speech tag")
+            if isinstance(tag_words, str):
+                raise ValueError(f"lincir: pos_lexicon {tag} must list its words, got the string {tag_words!r}")
             for word in tag_words:
+                if not isinstance(word, str) or not re.fullmatch(r"\w+", word):
+                    raise ValueError(f"lincir: pos_lexicon entry {word!r} under {tag} is not a single word")
                 if self._pos.setdefault(word.lower(), tag) != tag:
                     raise ValueError(f"lincir: pos_lexicon lists {word!r} under {self._pos[word.lower()]} and {tag}")
         if PLACEHOLDER not in c.fallback_prompt:
@@ -156,8 +166,8 @@ class LinCIR(CIRMethod):
             if self.config.tagger or self._pos:
                 if self.config.tagger:
                     tagged = [(token.text, token.pos_) for token in self._tagger()(caption)]
-                else:  # split as spaCy does on this vocabulary: words, and each punctuation mark on its own
-                    tagged = [(w, self._pos.get(w, "X")) for w in LEXICON_TOKEN.findall(caption)]
+                else:  # a word listed nowhere gets no masked tag, as a tagger's other parts of speech
+                    tagged = [(w, self._pos.get(w.lower(), "X")) for w in LEXICON_TOKEN.findall(caption)]
                 runs, current = [], []
                 for text, pos in tagged:
                     if pos in MASKED_POS:
