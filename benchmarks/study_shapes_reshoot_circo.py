@@ -11,11 +11,11 @@ in the CIRR-format probe. mAP@10 for the training-free rows, the peers (seed 0 u
 the reference-caption composition. ``--sum-weights W ...`` adds ``sum`` rows with the text weighted by W, the
 modality-gap reading of the CIRR-format probe. ``--combiner-run DIR`` adds the CLIP4Cir combiner of a run trained on
 a re-shot variant world (``study_shapes_reshoot_world.py``'s ``--variant-runs``, on the same backbone); it ranks on
-its own fine-tuned image encoder's features.
+its own fine-tuned image encoder's features. ``--by-kind`` also prints the last row's mAP@10 per edit kind.
 
     python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
         [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR] \\
-        [--peer-set PEER:key=value ...]
+        [--peer-set PEER:key=value ...] [--by-kind]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
 with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a modality gap of length C
@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument(
         "--peer-set", nargs="*", default=[], help="PEER:key=value run-config overrides of a peer (a diagnosis)"
     )
+    parser.add_argument(
+        "--by-kind", action="store_true", help="the last row's mAP@10 per edit kind as well (a diagnosis)"
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     env = prepare_shapes(quick=False, root=args.root, log=print)
@@ -226,6 +229,10 @@ def main() -> None:
         ("re-shot", "target-state + target alt-text", reshot_truths, True),
     ]
     lines = ["| ground truths | texts | " + " | ".join(rows) + " |", "|---" * (2 + len(rows)) + "|"]
+    kinds: dict[str, list[int]] = {}
+    for i, q in enumerate(split.queries):
+        kinds.setdefault(edits[q.qid].kind, []).append(i)
+    by_kind: dict[str, list[float]] = {}
     for where, label, gts, with_alt in variants:
         exclude = excludes if where == "re-shot" else None
         texts = [q.text for q in split.queries]
@@ -245,9 +252,19 @@ def main() -> None:
                     queries = methods[method_name].compose(refs_seen, texts)
             ranked = topk_inner_product(F.normalize(queries.float(), dim=-1).numpy(), gallery, 10, exclude=exclude)
             cells.append(circo_map_at_k(ranked.indices, [set(g) for g in gts], 10))
+            if label.startswith("target-state"):  # the last variant: its rows per edit kind
+                by_kind[method_name] = [
+                    circo_map_at_k(ranked.indices[idx], [set(gts[i]) for i in idx], 10) for idx in kinds.values()
+                ]
         lines.append(f"| {where} | {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
+    if args.by_kind:
+        print("\nre-shot, target-state + target alt-text, mAP@10 per edit kind (queries):")
+        print("| row | " + " | ".join(f"{k} ({len(v)})" for k, v in kinds.items()) + " |")
+        print("|---" * (1 + len(kinds)) + "|")
+        for method_name, values in by_kind.items():
+            print(f"| {method_name} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     n_excluded = sum(map(len, excludes))
     print(f"{name}, world {env.world.world_id}, {len(split.queries)} queries, {len(new)} re-shot ground truths,")
     print(f"{n_excluded} cell-free matches excluded; {time.perf_counter() - t0:.0f} s")
