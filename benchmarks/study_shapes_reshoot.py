@@ -32,7 +32,7 @@ The peers train on the corpus only, so theirs are the numbers a changed benchmar
 here; a world change chosen from this table would be built into the world and calibrated with
 ``cirlab shapes-calibrate``.
 
-    python benchmarks/study_shapes_reshoot.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
+    python benchmarks/study_shapes_reshoot.py [--quick] [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
         [--alt-full F] [--distractors P ...] [--decoys K] [--sum-weights W ...] [--clip DIR] [--gap C] \\
         [--peer-set PEER:key=value ...]
 
@@ -121,6 +121,7 @@ def decoy(target: Scene, cell: int | None, rng: random.Random, combo_ok: Callabl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=SHAPES_ROOT)
+    parser.add_argument("--quick", action="store_true", help="the quick world, its peers at the quick schedules")
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--distractors", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
@@ -139,7 +140,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     t0 = time.perf_counter()
-    env = prepare_shapes(quick=False, root=args.root, log=print)
+    env = prepare_shapes(quick=args.quick, root=args.root, log=print)
     if args.clip is not None or args.gap:  # features are cached per backbone, so the shipped CLIP's are not reused
         clip = shapes_clip(str(args.clip) if args.clip else None, modality_gap=args.gap).freeze()
         env = ShapesEnv(env.world, clip, env.source, env.clip_metrics, args.clip or env.clip_dir)
@@ -155,7 +156,7 @@ def main() -> None:
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
         overrides = tuple(o.partition(":")[2] for o in args.peer_set if o.partition(":")[0] == n)
-        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False, overrides)[0].eval()
+        methods[n] = train_or_load(n, env, args.seed, args.quick, args.runs, False, overrides)[0].eval()
     rows = list(ROWS)
     for w in args.sum_weights:
         rows.insert(rows.index("text-only"), f"sum, text x{w:g}")

@@ -13,8 +13,8 @@ modality-gap reading of the CIRR-format probe. ``--combiner-run DIR`` adds the C
 a re-shot variant world (``study_shapes_reshoot_world.py``'s ``--variant-runs``, on the same backbone); it ranks on
 its own fine-tuned image encoder's features. ``--by-kind`` also prints the last row's mAP@10 per edit kind.
 
-    python benchmarks/study_shapes_reshoot_circo.py [--root runs/shapes] [--runs runs/demo/methods] [--seed S] \\
-        [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR] \\
+    python benchmarks/study_shapes_reshoot_circo.py [--quick] [--root runs/shapes] [--runs runs/demo/methods] \\
+        [--seed S] [--alt-full F] [--sum-weights W ...] [--clip DIR] [--gap C] [--combiner-run DIR] \\
         [--peer-set PEER:key=value ...] [--by-kind]
 
 ``--clip DIR`` runs it on another pretrained Shapes CLIP (``cirlab shapes-pretrain``'s ``OUT/shapes-clip``),
@@ -121,6 +121,7 @@ def changed_cell(reference: Scene, target: Scene) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=SHAPES_ROOT)
+    parser.add_argument("--quick", action="store_true", help="the quick world, its peers at the quick schedules")
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/methods"))
     parser.add_argument("--seed", type=int, default=0, help="which trained peers to reuse (or train)")
     parser.add_argument("--alt-full", type=float, default=AltTextConfig().full)
@@ -136,7 +137,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     t0 = time.perf_counter()
-    env = prepare_shapes(quick=False, root=args.root, log=print)
+    env = prepare_shapes(quick=args.quick, root=args.root, log=print)
     if args.clip is not None or args.gap:  # features are cached per backbone, so the shipped CLIP's are not reused
         clip = shapes_clip(str(args.clip) if args.clip else None, modality_gap=args.gap).freeze()
         env = ShapesEnv(env.world, clip, env.source, env.clip_metrics, args.clip or env.clip_dir)
@@ -153,7 +154,7 @@ def main() -> None:
     methods = {n: create_method(n, env.backbone).eval() for n in ("image-only", "sum", "text-only")}
     for n in ("pic2word", "searle", "lincir"):
         overrides = tuple(o.partition(":")[2] for o in args.peer_set if o.partition(":")[0] == n)
-        methods[n] = train_or_load(n, env, args.seed, False, args.runs, False, overrides)[0].eval()
+        methods[n] = train_or_load(n, env, args.seed, args.quick, args.runs, False, overrides)[0].eval()
     rows = list(ROWS)
     if args.combiner_run is not None:
         methods["combiner"] = load_method(args.combiner_run, backbone=env.backbone).eval()
