@@ -43,11 +43,14 @@ def scaled_overrides(scale: float) -> tuple[str, ...]:
     return tuple(f"{s}.steps={round(getattr(run_cfg, s).steps * scale)}" for s in stages)
 
 
-def full_world_env(root: Path, train_queries: int | None = None, gap: float = 0.0) -> ShapesEnv:
-    """The full Shapes world in ``root`` (built or reused) with the shipped CLIP; ``train_queries`` overrides the
-    number of CIRR-format training queries, ``gap`` gives the CLIP that modality gap (``HFCLIPBackbone``)."""
+def full_world_env(root: Path, train_queries: int | None = None, gap: float = 0.0, quick: bool = False) -> ShapesEnv:
+    """The full Shapes world in ``root`` (built or reused; the quick one with ``quick``) with the shipped CLIP;
+    ``train_queries`` overrides the number of CIRR-format training queries (full world only), ``gap`` gives the CLIP
+    that modality gap (``HFCLIPBackbone``)."""
+    if quick and train_queries is not None:
+        raise ValueError("train_queries overrides the full world only")
     if train_queries is None:
-        env = prepare_shapes(quick=False, root=root, log=print)
+        env = prepare_shapes(quick=quick, root=root, log=print)
         if gap:
             env = ShapesEnv(
                 env.world, shapes_clip(modality_gap=gap).freeze(), env.source, env.clip_metrics, env.clip_dir

@@ -20,10 +20,11 @@ reports every calibration row on its **validation** split:
 
     python benchmarks/study_shapes_reshoot_world.py --root runs/shapes --runs runs/demo/methods \\
         --out runs/shapes-reshoot --variant-runs runs/reshoot-methods [--seeds 0 1 2] [--alt-full F] [--scale S] \\
-        [--train-queries N] [--gap C]
+        [--train-queries N] [--gap C] [--quick]
 
 ``--gap C`` gives the shipped CLIP a modality gap of length C (``HFCLIPBackbone``'s ``modality_gap``); every row,
-the peers included, is then computed and trained on that backbone (a run's key names its backbone).
+the peers included, is then computed and trained on that backbone (a run's key names its backbone). ``--quick``
+re-shoots the quick world instead, every method at its quick schedule (``--scale`` multiplies that).
 
 docs/RESULTS.md has its table (the calibration section).
 """
@@ -121,17 +122,20 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="the combiner's steps, times its preset's")
     parser.add_argument("--train-queries", type=int, default=None, help="the source world's CIRR-format train size")
     parser.add_argument("--gap", type=float, default=0.0, help="the CLIP's modality gap (0: the shipped CLIP's)")
+    parser.add_argument("--quick", action="store_true", help="the quick world, every method at the quick schedules")
     args = parser.parse_args()
+    if args.quick and args.train_queries is not None:
+        parser.error("--train-queries applies to the full world only")
     if args.variant_runs.resolve() == args.runs.resolve():
         parser.error("--variant-runs must differ from --runs: a run's key names the world id, which both share")
     t0 = time.perf_counter()
-    source_env = full_world_env(args.root, args.train_queries, args.gap)
+    source_env = full_world_env(args.root, args.train_queries, args.gap, args.quick)
     world_dir = args.out / source_env.world.root.name
     args.out.mkdir(parents=True, exist_ok=True)
     write_variant(
         source_env.world.root, world_dir, source_env.world.config.render, AltTextConfig(full=args.alt_full), print
     )
-    env = full_world_env(args.out, args.train_queries, args.gap)
+    env = full_world_env(args.out, args.train_queries, args.gap, args.quick)
     name = "cirr/val"
     split = env.source.split(name)
     meta = env.world.cirr_meta("val")
@@ -168,10 +172,10 @@ def main() -> None:
     ]
     for seed in args.seeds:
         for row in PEERS:
-            peer = train_or_load(row, source_env, seed, False, args.runs, False)[0].eval()
+            peer = train_or_load(row, source_env, seed, args.quick, args.runs, False)[0].eval()
             rows.setdefault(row, []).append(recall_at_1(peer))
         overrides = scaled_overrides(args.scale) if args.scale != 1.0 else ()
-        combiner = train_or_load("combiner", env, seed, False, args.variant_runs, False, overrides)[0].eval()
+        combiner = train_or_load("combiner", env, seed, args.quick, args.variant_runs, False, overrides)[0].eval()
         rows.setdefault("combiner", []).append(recall_at_1(combiner))
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
     print("| row | CIRR R@1, val | seeds |")
