@@ -45,10 +45,8 @@ def scaled_overrides(scale: float) -> tuple[str, ...]:
 
 def full_world_env(root: Path, train_queries: int | None = None, gap: float = 0.0, quick: bool = False) -> ShapesEnv:
     """The full Shapes world in ``root`` (built or reused; the quick one with ``quick``) with the shipped CLIP;
-    ``train_queries`` overrides the number of CIRR-format training queries (full world only), ``gap`` gives the CLIP
-    that modality gap (``HFCLIPBackbone``)."""
-    if quick and train_queries is not None:
-        raise ValueError("train_queries overrides the full world only")
+    ``train_queries`` overrides the number of CIRR-format training queries, ``gap`` gives the CLIP that modality gap
+    (``HFCLIPBackbone``)."""
     if train_queries is None:
         env = prepare_shapes(quick=quick, root=root, log=print)
         if gap:
@@ -56,7 +54,7 @@ def full_world_env(root: Path, train_queries: int | None = None, gap: float = 0.
                 env.world, shapes_clip(modality_gap=gap).freeze(), env.source, env.clip_metrics, env.clip_dir
             )
         return env
-    base = ShapesConfig()
+    base = ShapesConfig.quick() if quick else ShapesConfig()
     cfg = dataclasses.replace(base, cirr=dataclasses.replace(base.cirr, train_queries=train_queries))
     world = build_world(cfg, root / f"world-{world_id(cfg)}", log=print)
     source = ShapesSource(world, FeatureCache(root / "features"))
