@@ -65,8 +65,9 @@ from cirlab.data.benchmark import CIRQuery
 from cirlab.data.shapes import Scene, eval_caption
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.edits import Edit
+from cirlab.data.shapes.queries import reshoot
 from cirlab.data.shapes.render import render_batch
-from cirlab.data.shapes.world import COLOURS, N_CELLS, SHAPES, SIZES, Combo, combo_filter
+from cirlab.data.shapes.world import COLOURS, SHAPES, SIZES, Combo, combo_filter
 from cirlab.evaluation.ranking import topk_inner_product
 from cirlab.experiments import SHAPES_ROOT
 from cirlab.experiments.runs import train_or_load
@@ -90,20 +91,6 @@ def relaxed(scene: Scene, cell: int | None) -> tuple[object, frozenset]:
     fixed = scene.at(cell) if cell is not None and cell in scene.cells else None
     rest = Counter((o.shape, o.colour, o.size) for o in scene.objects if o.cell != cell)
     return fixed, frozenset(rest.items())
-
-
-def reshoot(scene: Scene, cell: int | None, rng: random.Random) -> Scene:
-    """``scene`` with every object but the one in ``cell`` moved to random other cells (a new layout if any)."""
-    keep = [scene.at(cell)] if cell is not None and cell in scene.cells else []
-    others = [o for o in scene.objects if not keep or o.cell != cell]
-    free = [c for c in range(N_CELLS) if c != cell]
-    new = scene
-    for _ in range(20):
-        cells = rng.sample(free, len(others))
-        new = Scene((*keep, *(o.replace(cell=c) for o, c in zip(others, cells, strict=True))))
-        if new != scene:
-            break
-    return new
 
 
 def decoy(target: Scene, cell: int | None, rng: random.Random, combo_ok: Callable[[Combo], bool]) -> Scene | None:

@@ -31,17 +31,17 @@ import argparse
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cirlab.backbones.shapes_clip import shapes_clip
-from cirlab.data.shapes import Scene, ShapeObject, eval_caption
+from cirlab.data.shapes import Scene, eval_caption
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.captions import where_phrase
-from cirlab.data.shapes.edits import COLOUR_GROUPS, REGIONS, Edit
+from cirlab.data.shapes.edits import Edit
+from cirlab.data.shapes.queries import changed_cell, reshoot
 from cirlab.data.shapes.render import render_batch
 from cirlab.evaluation.evaluate import gallery_embeddings
 from cirlab.evaluation.metrics import circo_map_at_k
@@ -52,47 +52,8 @@ from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
 from cirlab.methods import create_method
 from cirlab.methods.base import load_method
 from cirlab.types import ImageFeatures
-from study_shapes_reshoot import reshoot
 
 ROWS = ("image-only", "sum", "text-only", "pic2word", "searle", "lincir", "ref. caption + text")
-
-
-def _look(obj: ShapeObject) -> tuple[str, str, str]:
-    return (obj.shape, obj.colour, obj.size)
-
-
-def cell_free_satisfies(edit: Edit, reference: Scene, candidate: Scene) -> bool:
-    """``Edit.satisfied_by`` with the objects the edit does not touch allowed anywhere."""
-    ref, cand = Counter(map(_look, reference.objects)), Counter(map(_look, candidate.objects))
-    if edit.kind == "add_any":
-        return len(candidate) == len(reference) + 1 and any(
-            o.shape == edit.shape and o.colour == edit.colour and cand - Counter([_look(o)]) == ref
-            for o in candidate.objects
-        )
-    if edit.kind == "remove_one":
-        return len(candidate) == len(reference) - 1 and any(
-            edit.selects(o) and ref - Counter([_look(o)]) == cand for o in reference.objects
-        )
-    old = reference.at(edit.cell)
-    rest = ref - Counter([_look(old)])
-    if len(candidate) != len(reference):
-        return False
-    for new in candidate.objects:
-        if cand - Counter([_look(new)]) != rest:
-            continue
-        same = {a: getattr(new, a) == getattr(old, a) for a in ("cell", "shape", "colour", "size")}
-        if edit.kind == "move_region":
-            assert edit.region is not None
-            moved_only = same["shape"] and same["colour"] and same["size"] and not same["cell"]
-            fits = moved_only and new.cell in REGIONS[edit.region]
-        elif edit.kind == "reshape_any":
-            fits = same["cell"] and same["colour"] and same["size"] and not same["shape"]
-        else:  # recolour_any, recolour_group
-            recoloured_only = same["cell"] and same["shape"] and same["size"] and not same["colour"]
-            fits = recoloured_only and (edit.kind == "recolour_any" or new.colour in COLOUR_GROUPS[edit.group or ""])
-        if fits:
-            return True
-    return False
 
 
 def target_state(edit: Edit, reference: Scene, text: str) -> str:
@@ -110,12 +71,6 @@ def target_state(edit: Edit, reference: Scene, text: str) -> str:
     if edit.kind == "recolour_group":
         return f"the {obj.shape} {where_phrase(obj.cell)} is a {edit.group} colour"
     return f"the {obj.shape} {where_phrase(obj.cell)} is another colour"  # recolour_any
-
-
-def changed_cell(reference: Scene, target: Scene) -> int | None:
-    """The cell of the one object the edit made or changed (None after a removal)."""
-    made = set(target.objects) - set(reference.objects)
-    return next(iter(made)).cell if len(made) == 1 else None
 
 
 def main() -> None:
@@ -178,7 +133,7 @@ def main() -> None:
     # The cell-free reading must accept every ground truth, the world's and the re-shot ones.
     for q in split.queries:
         for gt in [*(scenes[g] for g in q.targets), *(new[g][0] for g in truths[q.qid])]:
-            if not cell_free_satisfies(edits[q.qid], refs[q.qid], gt):
+            if not edits[q.qid].satisfied_anywhere(refs[q.qid], gt):
                 raise RuntimeError(f"query {q.qid}: ground truth {gt.to_str()} fails the cell-free reading")
     world_truths = {gt for q in split.queries for gt in q.targets}
     kept = [g for g in split.gallery if g not in world_truths]
@@ -195,7 +150,7 @@ def main() -> None:
     excludes = []
     for q in split.queries:
         own = set(truths[q.qid])
-        hits = [g for g in reshot_names if g not in own and cell_free_satisfies(edits[q.qid], refs[q.qid], scenes[g])]
+        hits = [g for g in reshot_names if g not in own and edits[q.qid].satisfied_anywhere(refs[q.qid], scenes[g])]
         excludes.append([column[g] for g in hits])
     alt_rng, alt_cfg = random.Random("reshoot-circo/alt"), AltTextConfig(full=args.alt_full)
     alts = {q.qid: alt_caption(new[truths[q.qid][0]][0], alt_rng, alt_cfg)[0] for q in split.queries}

@@ -47,6 +47,7 @@ from cirlab.data.benchmark import CIRQuery
 from cirlab.data.shapes import Scene
 from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.edits import Edit
+from cirlab.data.shapes.queries import reshoot
 from cirlab.data.shapes.render import write_pngs
 from cirlab.evaluation.evaluate import compose_queries, gallery_embeddings
 from cirlab.evaluation.ranking import topk_inner_product
@@ -57,7 +58,7 @@ from cirlab.io import atomic_write_json, create_temp_dir, read_json
 from cirlab.methods import create_method
 from study_shapes_combiner_budget import full_world_env, scaled_overrides
 from study_shapes_composition import target_state
-from study_shapes_reshoot import kept_cell, relaxed, reshoot
+from study_shapes_reshoot import kept_cell, relaxed
 
 FREE_ROWS = ("image-only", "sum", "text-only")
 PEERS = ("pic2word", "searle", "lincir")

@@ -22,6 +22,8 @@ from cirlab.config import from_dict, to_dict
 from cirlab.data.shapes import (
     EXACT_KINDS,
     OPEN_KINDS,
+    STATE_TEMPLATES,
+    BenchmarkStyle,
     CircoConfig,
     CirrConfig,
     CorpusConfig,
@@ -39,13 +41,17 @@ from cirlab.data.shapes import (
     render_scene,
     sample_scene,
     satisfies,
+    satisfies_anywhere,
+    state_template_ids,
     synthetic_template_ids,
     template_regex,
+    text_opening,
     verbalise,
     world_id,
 )
-from cirlab.data.shapes.edits import one_step_edits, referring_forms
-from cirlab.data.shapes.queries import sample_circo_query, sample_cirr_query
+from cirlab.data.shapes.edits import looks, one_step_edits, referring_forms, state_referable
+from cirlab.data.shapes.queries import reshoot, sample_circo_query, sample_cirr_query, satisfied
+from cirlab.data.shapes.world import DEFAULT_STYLE, LEGACY_STYLE
 from cirlab.registry import BENCHMARKS
 
 CIRR_SPLITS = ("train", "val", "test1")
@@ -61,10 +67,11 @@ CIRCO_KEYS = {
 }
 
 
-def tiny_config(seed: int = 0) -> ShapesConfig:
+def tiny_config(seed: int = 0, style: BenchmarkStyle = DEFAULT_STYLE) -> ShapesConfig:
     """Smaller than ``ShapesConfig.quick()``: about a second to build."""
     return ShapesConfig(
         seed=seed,
+        style=style,
         cirr=CirrConfig(train_queries=120, val_queries=40, test_queries=90, extra_gallery=30),
         circo=CircoConfig(val_queries=24, test_queries=60, extra_gallery=60),
         corpus=CorpusConfig(images=200),
@@ -72,9 +79,11 @@ def tiny_config(seed: int = 0) -> ShapesConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tiny_config(), tmp_path_factory.mktemp("shapes") / "world")
+@pytest.fixture(scope="module", params=["reshot", "legacy"])
+def world(request, tmp_path_factory):
+    """The default world (re-shot targets, target-state + alt-text texts), and code version 2's style."""
+    style = BenchmarkStyle() if request.param == "reshot" else LEGACY_STYLE
+    return build_world(tiny_config(style=style), tmp_path_factory.mktemp("shapes") / "world")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +107,8 @@ def heldout_in(scene_text: str, heldout) -> bool:
 
 
 def test_same_seed_builds_byte_identical_worlds(world, world_again):
+    if world.config != world_again.config:
+        pytest.skip("world_again is the default style's")
     files = sorted(p.relative_to(world.root) for p in world.root.rglob("*") if p.is_file())
     files_again = sorted(p.relative_to(world_again.root) for p in world_again.root.rglob("*") if p.is_file())
     assert files == files_again
@@ -115,10 +126,10 @@ def test_world_id_depends_on_config_only():
 
 def test_build_reuses_same_world_and_refuses_another(world, tmp_path):
     stamp = (world.root / "world.json").stat().st_mtime_ns
-    again = build_world(tiny_config(), world.root)
+    again = build_world(world.config, world.root)
     assert again.world_id == world.world_id
     assert (world.root / "world.json").stat().st_mtime_ns == stamp
-    assert load_world(world.root).config == tiny_config()
+    assert load_world(world.root).config == world.config
     with pytest.raises(FileExistsError):
         build_world(tiny_config(seed=5), world.root)
     assert not [p for p in world.root.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
@@ -176,11 +187,70 @@ def test_open_edit_targets_agree_with_the_predicate(seed, kind):
         assert satisfies(query.edit, query.reference, scene) == (scene in targets)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_reshot_target_answers_its_edit_anywhere_and_one_step_misses_do_not(seed):
+    cfg = SceneConfig()
+    rng = random.Random(seed)
+    reference = sample_scene(rng, cfg)
+    for edit in one_step_edits(reference, cfg.shapes, cfg.colours):
+        target = edit.apply(reference)
+        shot = reshoot(target, edit.kept_cell, rng)
+        keys = edit.target_looks(reference, cfg.shapes, cfg.colours)
+        assert satisfies_anywhere(edit, reference, target) and satisfies_anywhere(edit, reference, shot)
+        assert looks(target.objects) in keys and looks(shot.objects) in keys
+        assert not satisfies_anywhere(edit, reference, reference)
+        if edit.kept_cell is not None:
+            assert shot.at(edit.kept_cell) == target.at(edit.kept_cell)
+            # The edited object changed once more (another colour, shape, size or cell) answers nothing.
+            for miss in one_step_edits(target, cfg.shapes, cfg.colours, [edit.kept_cell]):
+                wrong = miss.apply(target)
+                if wrong != reference and miss.kind != "remove":
+                    assert not satisfies_anywhere(edit, reference, wrong), (edit, miss)
+        # Anywhere is looser than in place, never stricter.
+        for other in one_step_edits(target, cfg.shapes, cfg.colours):
+            near = other.apply(target)
+            assert not satisfies(edit, reference, near) or satisfies_anywhere(edit, reference, near)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(OPEN_KINDS))
+def test_reshot_open_ground_truths_keep_what_the_edit_made(seed, kind):
+    cfg = SceneConfig()
+    q = sample_circo_query(
+        random.Random(seed), cfg, (), kind=kind, focus_pool=[], heldout_template=False, max_gts=4, n_distractors=2
+    )
+    keys = q.edit.target_looks(q.reference, cfg.shapes, cfg.colours)
+    in_place = q.edit.targets(q.reference, cfg.shapes, cfg.colours)
+    for target in q.targets:
+        assert satisfies_anywhere(q.edit, q.reference, target) and looks(target.objects) in keys
+    # Another shot of each in-place ground truth: one of them shows the same objects.
+    assert all(any(looks(t.objects) == looks(target.objects) for t in in_place) for target in q.targets)
+    for scene in in_place:
+        assert satisfies_anywhere(q.edit, q.reference, scene)
+    for scene in (q.reference, *q.distractors):
+        assert not satisfies_anywhere(q.edit, q.reference, scene)
+    assert q.all_targets == frozenset(q.targets)
+
+
+def test_style_validation_and_state_referents():
+    with pytest.raises(ValueError, match="text style"):
+        BenchmarkStyle(texts="captions")
+    with pytest.raises(ValueError, match="probability"):
+        BenchmarkStyle(alt_full=1.5)
+    twins = Scene.parse("0:small:red:circle|4:small:red:circle")
+    edit = Edit("move", cell=0, to_cell=8)
+    assert not state_referable(edit, twins)  # "the red circle is at the bottom right" cannot say which one
+    single = Scene.parse("0:small:red:circle|4:large:red:circle")
+    text = verbalise(edit, single, "state/move/0", random.Random(0)).text
+    assert text.startswith("the small red circle is") or text.startswith("the little red circle is"), text
+
+
 def test_every_template_matches_its_own_texts_and_heldout_ones_nothing_else():
     cfg = SceneConfig()
     rng = random.Random(0)
     heldout = set(ShapesConfig().heldout_templates)
-    matcher = TemplateMatcher(benchmark_template_ids() + synthetic_template_ids())
+    matcher = TemplateMatcher(benchmark_template_ids() + state_template_ids() + synthetic_template_ids())
     for kind in EXACT_KINDS + OPEN_KINDS:
         for _ in range(40):
             if kind in EXACT_KINDS:
@@ -189,7 +259,8 @@ def test_every_template_matches_its_own_texts_and_heldout_ones_nothing_else():
                 q = sample_circo_query(
                     rng, cfg, heldout, kind=kind, focus_pool=[], heldout_template=False, max_gts=2, n_distractors=0
                 )
-            families = benchmark_template_ids(kind) + (synthetic_template_ids(kind) if kind in EXACT_KINDS else [])
+            families = benchmark_template_ids(kind) + state_template_ids(kind)
+            families += synthetic_template_ids(kind) if kind in EXACT_KINDS else []
             for template in families:
                 text = verbalise(q.edit, q.reference, template, rng).text
                 found = matcher.matches(text)
@@ -228,7 +299,7 @@ def test_heldout_templates_and_combos_are_absent_from_all_training_data(world):
         for name, info in read(world.cirr_root / f"shapes_images.{split}.json").items():
             assert not heldout_in(info["scene"], heldout_combos), (split, name)
         for entry in read(world.cirr_root / "captions" / f"cap.rc2.{split}.json"):
-            assert not heldout_templates.matches(entry["caption"]), entry["caption"]
+            assert not heldout_templates.matches(text_opening(entry["caption"])), entry["caption"]
         for meta in read(world.cirr_root / f"shapes_meta.{split}.json").values():
             assert not meta["heldout_template"] and not meta["heldout_combo"]
 
@@ -238,7 +309,7 @@ def test_heldout_templates_and_combos_are_absent_from_all_training_data(world):
     for q in read(world.circo_root / "annotations" / "val.json"):
         for image_id in [q["reference_img_id"], *q["gt_img_ids"]]:
             assert not heldout_in(images[str(image_id)]["scene"], heldout_combos)
-        assert not heldout_templates.matches(q["relative_caption"])
+        assert not heldout_templates.matches(text_opening(q["relative_caption"]))
         assert not meta[str(q["id"])]["heldout_template"] and not meta[str(q["id"])]["heldout_combo"]
 
 
@@ -248,7 +319,8 @@ def test_test_splits_hold_flagged_heldout_queries(world):
     cirr_meta = read(world.cirr_root / "shapes_meta.test1.json")
     for entry in read(world.cirr_root / "captions" / "cap.rc2.test1.json"):
         m = cirr_meta[str(entry["pairid"])]
-        assert bool(heldout_templates.matches(entry["caption"])) == m["heldout_template"], entry["caption"]
+        opening = text_opening(entry["caption"])
+        assert bool(heldout_templates.matches(opening)) == m["heldout_template"], entry["caption"]
         scenes = [cirr_images[entry["reference"]]["scene"], cirr_images[entry["target_hard"]]["scene"]]
         assert any(heldout_in(s, world.heldout_combos) for s in scenes) == m["heldout_combo"]
     flags = [(m["heldout_template"], m["heldout_combo"]) for m in cirr_meta.values()]
@@ -258,7 +330,7 @@ def test_test_splits_hold_flagged_heldout_queries(world):
     circo_meta = read(world.circo_root / "shapes_meta.test.json")
     for q in read(world.circo_root / "annotations" / "test.json"):
         m = circo_meta[str(q["id"])]
-        assert bool(heldout_templates.matches(q["relative_caption"])) == m["heldout_template"]
+        assert bool(heldout_templates.matches(text_opening(q["relative_caption"]))) == m["heldout_template"]
         scenes = [circo_images[str(i)]["scene"] for i in [q["reference_img_id"], *q["gt_img_ids"]]]
         assert any(heldout_in(s, world.heldout_combos) for s in scenes) == m["heldout_combo"]
     assert any(m["heldout_combo"] for m in circo_meta.values())
@@ -287,6 +359,15 @@ def test_cirr_split_files_follow_the_format(world, split):
         assert 0 <= e["img_set"]["target_rank"] <= 5
     scenes = [info["scene"] for info in read(world.cirr_root / f"shapes_images.{split}.json").values()]
     assert len(scenes) == len(set(scenes)) == len(paths), "every gallery image shows a different scene"
+    gallery = {
+        name: Scene.parse(info["scene"]) for name, info in read(world.cirr_root / f"shapes_images.{split}.json").items()
+    }
+    meta = read(world.cirr_root / f"shapes_meta.{split}.json")
+    for e in entries:  # the target is the only correct image of the split's gallery
+        m = meta[str(e["pairid"])]
+        edit, reference = Edit.from_dict(m["edit"]), gallery[e["reference"]]
+        answers = [n for n, scene in gallery.items() if satisfied(world.config.style, edit, reference, scene)]
+        assert answers == [e["target_hard"]], (e["pairid"], answers)
 
 
 def test_cirr_pairids_are_unique_across_splits(world):
@@ -302,23 +383,36 @@ def test_cirr_targets_satisfy_and_distractors_do_not(world, split):
         m = meta[str(e["pairid"])]
         edit = Edit.from_dict(m["edit"])
         reference = Scene.parse(images[e["reference"]]["scene"])
-        assert satisfies(edit, reference, Scene.parse(images[e["target_hard"]]["scene"]))
+        style = world.config.style
+        target = Scene.parse(images[e["target_hard"]]["scene"])
+        assert satisfied(style, edit, reference, target)
+        if style.reshoot:  # another shot of the edited scene: the edited object in place, the rest anywhere
+            assert satisfies_anywhere(edit, reference, edit.apply(reference))
+            if edit.kept_cell is not None:
+                assert target.at(edit.kept_cell) == edit.apply(reference).at(edit.kept_cell)
+        else:
+            assert target == edit.apply(reference)
         others = [n for n in e["img_set"]["members"] if n not in (e["reference"], e["target_hard"])]
         for name in others:
-            assert not satisfies(edit, reference, Scene.parse(images[name]["scene"])), (e["pairid"], name)
+            assert not satisfied(style, edit, reference, Scene.parse(images[name]["scene"])), (e["pairid"], name)
         if m["referring"]:  # the text's description picks out exactly the edited object
             obj = reference.at(edit.cell)
             same = [o for o in reference.objects if all(getattr(o, a) == getattr(obj, a) for a in m["referring"])]
             assert same == [obj]
-            assert tuple(m["referring"]) in referring_forms(reference, edit.cell)
-        assert template_regex(m["template"]).match(e["caption"]), (m["template"], e["caption"])
+            if not m["template"].startswith("state/"):
+                assert tuple(m["referring"]) in referring_forms(reference, edit.cell)
+        assert template_regex(m["template"]).match(text_opening(e["caption"])), (m["template"], e["caption"])
+        assert m["template"].startswith("state/") == (style.texts == "state+alt" and edit.kind in STATE_TEMPLATES)
 
 
 def test_cirr_distractors_are_one_step_from_the_target(world):
     images = read(world.cirr_root / "shapes_images.val.json")
     cfg = world.config.scene
+    meta = read(world.cirr_root / "shapes_meta.val.json")
     for e in read(world.cirr_root / "captions" / "cap.rc2.val.json"):
-        target = Scene.parse(images[e["target_hard"]]["scene"])
+        # One step from the edit in place: look-alikes of the reference, also when the target is re-shot.
+        reference = Scene.parse(images[e["reference"]]["scene"])
+        target = Edit.from_dict(meta[str(e["pairid"])]["edit"]).apply(reference)
         near = {s.apply(target) for s in one_step_edits(target, cfg.shapes, cfg.colours)}
         for name in e["img_set"]["members"]:
             if name not in (e["reference"], e["target_hard"]):
@@ -349,7 +443,7 @@ def test_circo_files_follow_the_format_and_ground_truth_is_exact(world, split):
         m = meta[str(q["id"])]
         assert {"heldout_template", "heldout_combo"} <= set(m)
         edit, reference = Edit.from_dict(m["edit"]), gallery[q["reference_img_id"]]
-        satisfying = {i for i, scene in gallery.items() if satisfies(edit, reference, scene)}
+        satisfying = {i for i, scene in gallery.items() if satisfied(world.config.style, edit, reference, scene)}
         assert satisfying == set(q["gt_img_ids"]), q  # every ground truth satisfies it, and only those
         assert q["semantic_aspects"] == [m["edit_type"]]
         several += len(q["gt_img_ids"]) > 1

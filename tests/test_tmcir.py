@@ -17,6 +17,7 @@ from cirlab.data.shapes import (
     CircoConfig,
     CirrConfig,
     CorpusConfig,
+    Edit,
     RenderConfig,
     Scene,
     ShapesConfig,
@@ -302,7 +303,9 @@ def test_renderer_pseudo_targets_record_their_provenance(world, tmp_path):
         with Image.open(record["path"]) as im:
             assert im.size == (32, 32)
         scene = Scene.parse(record["scene"])
-        target = Scene.parse(meta[request.key]["target_scene"])
+        # The renderer edits the reference in place, as an image editor would (the world's target may be re-shot).
+        edit, reference = Edit.from_dict(meta[request.key]["edit"]), Scene.parse(meta[request.key]["reference_scene"])
+        target = edit.apply(reference)
         assert not (scene.combos() - target.combos()) & heldout, "noise created a held-out combination"
         if record["noise"] is None:
             assert scene == target

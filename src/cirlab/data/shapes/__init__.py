@@ -3,7 +3,10 @@
 Scenes of 1 to 4 coloured shapes on a 3x3 grid are rendered with PIL; edits (add, remove, recolour, reshape,
 resize, move, and under-specified variants) have checkable semantics; ``build_world`` writes CIRR- and
 CIRCO-format benchmarks with held-out templates and (colour, shape) combinations, an image-caption corpus and a
-separate synthetic triplet set for the zero-shot methods. See ``shapes_world.py`` for the directory layout.
+separate synthetic triplet set for the zero-shot methods. By default (``BenchmarkStyle``) a benchmark's ground
+truths are re-shot, another photograph of the edited scene with the untouched objects elsewhere, and its texts
+say what the edited object is in the target and then describe the target partially, as CIRR's captions do. See
+``shapes_world.py`` for the directory layout.
 
 Registered as benchmark ``"shapes"``: ``BENCHMARKS.get("shapes")`` is ``load_shapes(world_dir, image_root=None,
 split="val", **options) -> CIRSplit``, the same signature as the ``cirr`` and ``circo`` loaders (splits ``train``,
@@ -24,14 +27,18 @@ from cirlab.data.shapes.edits import (
     BENCHMARK_TEMPLATES,
     EXACT_KINDS,
     OPEN_KINDS,
+    STATE_TEMPLATES,
     SYNTHETIC_TEMPLATES,
     Edit,
     TemplateMatcher,
     Verbalised,
     benchmark_template_ids,
     satisfies,
+    satisfies_anywhere,
+    state_template_ids,
     synthetic_template_ids,
     template_regex,
+    text_opening,
     verbalise,
 )
 from cirlab.data.shapes.loader import load_shapes, query_groups
@@ -50,6 +57,7 @@ from cirlab.data.shapes.world import (
     COLOURS,
     SHAPES,
     SIZES,
+    BenchmarkStyle,
     CircoConfig,
     CirrConfig,
     CorpusConfig,
@@ -75,7 +83,9 @@ __all__ = [
     "OPEN_KINDS",
     "SHAPES",
     "SIZES",
+    "STATE_TEMPLATES",
     "SYNTHETIC_TEMPLATES",
+    "BenchmarkStyle",
     "CircoConfig",
     "CirrConfig",
     "CorpusConfig",
@@ -103,8 +113,11 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "satisfies",
+    "satisfies_anywhere",
+    "state_template_ids",
     "synthetic_template_ids",
     "template_regex",
+    "text_opening",
     "verbalise",
     "world_id",
 ]

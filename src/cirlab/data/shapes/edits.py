@@ -10,10 +10,15 @@ Two kinds of edit:
 
 ``satisfies(edit, reference, candidate)`` is the ground truth used by the builders and the tests. The edited object
 is identified by its cell; the text refers to it by a description that is unique in the reference scene.
+``satisfies_anywhere`` is the same with the objects the edit does not touch allowed in any cell: the ground truth of a
+world whose targets are re-shot (another photograph of the edited scene, as a CIRR target is; ``BenchmarkStyle``).
 
-Templates come in two disjoint families. ``BENCHMARK_TEMPLATES`` (ids ``"<kind>/<i>"``) verbalise benchmark
-queries; the config names some of them held out, used only in test queries. ``SYNTHETIC_TEMPLATES`` (ids
-``"syn/<kind>/<i>"``) are used only by the synthetic triplet generator that the zero-shot methods train on.
+Templates come in three disjoint families. ``BENCHMARK_TEMPLATES`` (ids ``"<kind>/<i>"``) verbalise benchmark
+queries as instructions; ``STATE_TEMPLATES`` (ids ``"state/<kind>/<i>"``) as *target-state* phrases, what the
+edited object is in the target ("the circle at the top is blue"), the opening of a text that goes on to describe
+the target as CIRR's relative captions do. The config names some templates of both held out, used only in test
+queries. ``SYNTHETIC_TEMPLATES`` (ids ``"syn/<kind>/<i>"``) are used only by the synthetic triplet generator that
+the zero-shot methods train on.
 ``template_regex`` turns a template into an anchored pattern, so tests can scan written texts for a template.
 """
 
@@ -23,6 +28,7 @@ import dataclasses
 import random
 import re
 import string
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,6 +211,87 @@ class Edit:
             return recoloured_only and new.colour in COLOUR_GROUPS[self.group]
         return recoloured_only
 
+    @property
+    def kept_cell(self) -> int | None:
+        """The cell the edit fixes for the object it makes or changes, in the target.
+
+        None when the edit fixes none: the removals, ``add_any`` and ``move_region`` (their cell is open).
+        """
+        if self.kind in ("remove", "remove_one", "move_region", "add_any"):
+            return None
+        return self.to_cell if self.kind == "move" else self.cell
+
+    def satisfied_anywhere(self, reference: Scene, candidate: Scene) -> bool:
+        """``satisfied_by`` with the objects the edit does not touch allowed in any cell.
+
+        The edited object must be as the edit leaves it (in its cell where the edit fixes one: for ``move`` and
+        ``move_region``, its destination), and the other objects must be the reference's, wherever they are.
+        """
+        ref, cand = Counter(map(_look, reference.objects)), Counter(map(_look, candidate.objects))
+        if self.kind in ("add", "add_any"):
+            if len(candidate) != len(reference) + 1:
+                return False
+            return any(
+                o.shape == self.shape
+                and o.colour == self.colour
+                and (self.kind == "add_any" or (o.cell == self.cell and o.size == self.size))
+                and cand - Counter([_look(o)]) == ref
+                for o in candidate.objects
+            )
+        if self.kind in ("remove", "remove_one"):
+            if len(candidate) != len(reference) - 1:
+                return False
+            return any(ref - Counter([_look(o)]) == cand for o in self._removable(reference))
+        old = _edited(reference, self.cell)
+        if len(candidate) != len(reference):
+            return False
+        rest = ref - Counter([_look(old)])
+        return any(cand - Counter([_look(new)]) == rest and self._changes_into(old, new) for new in candidate.objects)
+
+    def _removable(self, reference: Scene) -> list[ShapeObject]:
+        """The objects a removal may take away: the one in its cell, or any one ``remove_one`` selects."""
+        if self.kind == "remove":
+            return [_edited(reference, self.cell)]
+        return [o for o in reference.objects if self.selects(o)]
+
+    def _changes_into(self, old: ShapeObject, new: ShapeObject) -> bool:
+        """Whether the edit turns the reference's edited object ``old`` into ``new`` (cells included)."""
+        same = {a: getattr(new, a) == getattr(old, a) for a in ("cell", "shape", "colour", "size")}
+        if self.kind == "move":
+            return new == old.replace(cell=self.to_cell)
+        if self.kind == "move_region":
+            assert self.region is not None
+            kept = same["shape"] and same["colour"] and same["size"]
+            return kept and not same["cell"] and new.cell in REGIONS[self.region]
+        if self.kind in ("recolour", "reshape", "resize"):
+            attr = {"recolour": "colour", "reshape": "shape", "resize": "size"}[self.kind]
+            return new == old.replace(**{attr: getattr(self, attr)})
+        if self.kind == "reshape_any":
+            return same["cell"] and same["colour"] and same["size"] and not same["shape"]
+        recoloured = same["cell"] and same["shape"] and same["size"] and not same["colour"]
+        if self.kind == "recolour_group":
+            assert self.group is not None
+            return recoloured and new.colour in COLOUR_GROUPS[self.group]
+        return recoloured  # recolour_any
+
+    def target_looks(self, reference: Scene, shapes: Sequence[str], colours: Sequence[str]) -> frozenset[Looks]:
+        """The object multisets (``looks``) a scene satisfying the edit anywhere can have: an index key."""
+        if self.kind in ("add", "add_any"):
+            sizes = [self.size] if self.size is not None else list(SIZES)
+            return frozenset(
+                looks(reference.objects, add=(self.shape, self.colour, z))
+                for z in sizes  # type: ignore[arg-type]
+            )
+        if self.kind in ("remove", "remove_one"):
+            return frozenset(looks(reference.objects, remove=_look(o)) for o in self._removable(reference))
+        old = _edited(reference, self.cell)
+        if self.kind in ("move", "move_region"):
+            return frozenset({looks(reference.objects)})
+        if self.is_exact:
+            return frozenset({looks(self.apply(reference).objects)})
+        news = {_look(t.at(old.cell)) for t in self.targets(reference, shapes, colours)}
+        return frozenset(looks(reference.objects, remove=_look(old), add=n) for n in news)
+
     def selects(self, obj: ShapeObject) -> bool:
         """For ``remove_one``: whether ``obj`` is one of the objects the text designates."""
         return obj.shape == self.shape if self.shape is not None else obj.colour == self.colour
@@ -219,9 +306,34 @@ def _edited(scene: Scene, cell: int | None) -> ShapeObject:
         raise ValueError(f"the edit refers to empty cell {cell} of {scene.to_str()}") from None
 
 
+Look = tuple[str, str, str]
+"""An object without its cell: (shape, colour, size)."""
+Looks = tuple[Look, ...]
+"""A scene's objects without their cells, sorted: equal for two shots of one scene."""
+
+
+def _look(obj: ShapeObject) -> Look:
+    return (obj.shape, obj.colour, obj.size)
+
+
+def looks(objects: Iterable[ShapeObject], add: Look | None = None, remove: Look | None = None) -> Looks:
+    """The sorted looks of ``objects``, with one look added or one removed (an index key; see ``target_looks``)."""
+    out = [_look(o) for o in objects]
+    if remove is not None:
+        out.remove(remove)
+    if add is not None:
+        out.append(add)
+    return tuple(sorted(out))
+
+
 def satisfies(edit: Edit, reference: Scene, candidate: Scene) -> bool:
     """Whether ``candidate`` is a correct result of ``edit`` on ``reference`` (see ``Edit.satisfied_by``)."""
     return edit.satisfied_by(reference, candidate)
+
+
+def satisfies_anywhere(edit: Edit, reference: Scene, candidate: Scene) -> bool:
+    """``satisfies`` with the untouched objects in any cell (see ``Edit.satisfied_anywhere``)."""
+    return edit.satisfied_anywhere(reference, candidate)
 
 
 def one_step_edits(
@@ -334,6 +446,73 @@ BENCHMARK_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Target-state phrases: what the edited object is in the target, never how it got there. Fields as above, plus {it}:
+# the edited object named by what the edit keeps ("circle at the top left" for a recolour; see ``_state_referent``).
+# A removal can only be said by naming what goes, so the removals have no state templates (their texts open with an
+# instruction). Index i of a kind is held out in the default config exactly when its instruction counterpart is.
+STATE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "add": (
+        "there is also {a_thing} {where}",
+        "{a_thing} {where} as well",
+        "with {a_thing} {where} too",
+        "{where} there is {a_thing} too",
+        "also {a_thing} {where}",
+    ),
+    "recolour": (
+        "the {it} is {colour}",
+        "the {it} is coloured {colour}",
+        "the {it} shows up {colour}",
+        "{colour} is the colour of the {it}",
+        "the {it} appears {colour}",
+    ),
+    "reshape": (
+        "the {it} is {a_shape}",
+        "the {it} has the shape of {a_shape}",
+        "the {it} appears as {a_shape}",
+        "the {it} takes the form of {a_shape}",
+        "the {it} looks like {a_shape}",
+    ),
+    "resize": (
+        "the {it} is {size}",
+        "the {it} looks {size}",
+        "the {it} is drawn {size}",
+        "the {it} comes out {size}",
+        "the {it} appears {size}",
+    ),
+    "move": (
+        "the {it} is {where}",
+        "the {it} sits {where}",
+        "the {it} is placed {where}",
+        "{where} is the {it}",
+        "the {it} appears {where}",
+    ),
+    "add_any": (
+        "there is also {a_thing}",
+        "{a_thing} as well",
+        "somewhere there is {a_thing} too",
+    ),
+    "recolour_group": (
+        "the {it} is a {group} colour",
+        "the {it} has a {group} colour",
+        "a {group} colour is on the {it}",
+    ),
+    "move_region": (
+        "the {it} is in the {region}",
+        "the {it} sits in the {region}",
+        "in the {region} is the {it}",
+    ),
+    "reshape_any": (
+        "the {it} is another shape",
+        "the {it} has another shape",
+        "some other shape forms the {it}",
+    ),
+    "recolour_any": (
+        "the {it} is another colour",
+        "the {it} has another colour",
+        "some other colour fills the {it}",
+    ),
+}
+
 SYNTHETIC_TEMPLATES: dict[str, tuple[str, ...]] = {
     "add": (
         "same picture but with {a_thing} {where}",
@@ -374,6 +553,12 @@ def benchmark_template_ids(kind: str | None = None) -> list[str]:
     return [f"{k}/{i}" for k in kinds for i in range(len(BENCHMARK_TEMPLATES[k]))]
 
 
+def state_template_ids(kind: str | None = None) -> list[str]:
+    """Ids ``"state/<kind>/<i>"`` of the target-state templates (of one kind, or all; none for the removals)."""
+    kinds = [kind] if kind is not None else list(STATE_TEMPLATES)
+    return [f"state/{k}/{i}" for k in kinds if k in STATE_TEMPLATES for i in range(len(STATE_TEMPLATES[k]))]
+
+
 def synthetic_template_ids(kind: str | None = None) -> list[str]:
     """Ids ``"syn/<kind>/<i>"`` of the synthetic templates (of one kind, or all)."""
     kinds = [kind] if kind is not None else list(SYNTHETIC_TEMPLATES)
@@ -381,9 +566,12 @@ def synthetic_template_ids(kind: str | None = None) -> list[str]:
 
 
 def template_text(template_id: str) -> str:
-    """The format string of a template id of either family."""
-    family = SYNTHETIC_TEMPLATES if template_id.startswith("syn/") else BENCHMARK_TEMPLATES
-    kind, index = template_id.removeprefix("syn/").rsplit("/", 1)
+    """The format string of a template id of any family."""
+    family, rest = BENCHMARK_TEMPLATES, template_id
+    for prefix, templates in (("syn/", SYNTHETIC_TEMPLATES), ("state/", STATE_TEMPLATES)):
+        if template_id.startswith(prefix):
+            family, rest = templates, template_id.removeprefix(prefix)
+    kind, index = rest.rsplit("/", 1)
     try:
         return family[kind][int(index)]
     except (KeyError, IndexError, ValueError):
@@ -392,7 +580,7 @@ def template_text(template_id: str) -> str:
 
 def template_kind(template_id: str) -> str:
     """The edit kind a template id verbalises."""
-    return template_id.removeprefix("syn/").rsplit("/", 1)[0]
+    return template_id.removeprefix("syn/").removeprefix("state/").rsplit("/", 1)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,6 +629,41 @@ def with_article(phrase: str) -> str:
 def plural(shape: str) -> str:
     """ "cross" -> "crosses", "star" -> "stars"."""
     return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def _state_referent(edit: Edit, reference: Scene, rng: random.Random) -> tuple[str, tuple[str, ...]]:
+    """How a target-state phrase names the edited object, and the attributes it uses: only what the edit keeps.
+
+    A recolour names the shape and cell, a reshape the colour and cell ("red object at the top"), a resize all but
+    the size; a move cannot name the cell, so it names the colour and shape, with the size when that is needed to
+    pick the object out (``state_referable`` says whether anything does).
+    """
+    obj = _edited(reference, edit.cell)
+    where = where_phrase(obj.cell, rng)
+    if edit.kind in ("recolour", "recolour_group", "recolour_any"):
+        return f"{obj.shape} {where}", ("shape", "cell")
+    if edit.kind in ("reshape", "reshape_any"):
+        return f"{obj.colour} {rng.choice(('object', 'shape'))} {where}", ("colour", "cell")
+    if edit.kind == "resize":
+        return f"{obj.colour} {obj.shape} {where}", ("colour", "shape", "cell")
+    form = _move_form(reference, obj) or ("size", "colour", "shape")
+    return referring_phrase(obj, form, rng), form
+
+
+def _move_form(reference: Scene, obj: ShapeObject) -> tuple[str, ...] | None:
+    """The shortest cell-free form that picks ``obj`` out of ``reference`` (None when none does)."""
+    for form in (("colour", "shape"), ("size", "colour", "shape")):
+        if [o for o in reference.objects if all(getattr(o, a) == getattr(obj, a) for a in form)] == [obj]:
+            return form
+    return None
+
+
+def state_referable(edit: Edit, reference: Scene) -> bool:
+    """Whether a target-state phrase can name the edited object unambiguously (false only for a move of one of two
+    identical objects: the state cannot say which one moved)."""
+    if edit.kind not in ("move", "move_region"):
+        return True
+    return _move_form(reference, _edited(reference, edit.cell)) is not None
 
 
 @dataclass(frozen=True)
@@ -503,7 +726,10 @@ def verbalise(edit: Edit, reference: Scene, template_id: str, rng: random.Random
         raise ValueError(f"template {template_id!r} does not verbalise {edit.kind} edits")
     # An added object is described by its attributes, not referred to; open "remove one of" names a group.
     form = rng.choice(referring_forms(reference, edit.cell)) if edit.cell is not None and edit.kind != "add" else ()
-    text = template_text(template_id).format(**_fields(edit, reference, form, rng))
+    fields = _fields(edit, reference, form, rng)
+    if template_id.startswith("state/") and edit.cell is not None and edit.kind != "add":
+        fields["it"], form = _state_referent(edit, reference, rng)
+    text = template_text(template_id).format(**fields)
     return Verbalised(text=text, template=template_id, referring=tuple(form))
 
 
@@ -524,6 +750,10 @@ def _field_patterns() -> dict[str, str]:
     where = f"{_alternation(PREPOSITIONS)} the {pos}"
     return {
         "obj": f"(?:{size} )?(?:{colour} )?{shape}(?: {where})?",
+        "it": (
+            f"(?:{shape} {where}|{colour} (?:object|shape) {where}|{colour} {shape} {where}"
+            f"|(?:{size} )?{colour} {shape})"
+        ),
         "a_thing": f"an? (?:{size} )?{colour} {shape}",
         "where": where,
         "pos": pos,
@@ -549,6 +779,15 @@ def template_regex(template_id: str) -> re.Pattern[str]:
     return re.compile("^" + "".join(parts) + "$")
 
 
+def text_opening(text: str) -> str:
+    """The instruction or target-state phrase a benchmark text opens with: the text up to its first comma.
+
+    Template texts hold no comma; a ``state+alt`` text goes on after one with the target's alt-text, so this is
+    what a template produced (the whole text in the ``edit`` style).
+    """
+    return text.split(", ", 1)[0]
+
+
 class TemplateMatcher:
     """Finds which of some templates could have produced a text (patterns compiled once).
 
@@ -561,5 +800,5 @@ class TemplateMatcher:
         self.patterns = {t: template_regex(t) for t in template_ids}
 
     def matches(self, text: str) -> list[str]:
-        """The template ids whose pattern matches ``text``."""
+        """The template ids whose pattern matches ``text`` (a whole text, or a benchmark text's ``text_opening``)."""
         return [t for t, pattern in self.patterns.items() if pattern.match(text)]

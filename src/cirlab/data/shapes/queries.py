@@ -7,6 +7,10 @@ changes of the other objects). CIRCO-style queries use open edits: several rende
 Held-out combinations: every object is drawn from the seen (colour, shape) pairs, except that a query with a
 *focus* combination is built around it (the added, recoloured, reshaped, resized, moved or removed object is that
 combination before or after the edit). Only queries with a focus may contain a held-out combination.
+
+The ``BenchmarkStyle`` decides the rest: with ``reshoot`` every ground truth is shot again with the untouched
+objects in other cells (``reshoot``), and no hard negative satisfies the edit anywhere; with ``state+alt`` texts the
+text is a target-state phrase followed by an alt-text caption of the main target.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from cirlab.data.shapes.alttext import AltTextConfig, alt_caption
 from cirlab.data.shapes.captions import (
     COUNT_WORDS,
-    eval_caption,
     join_phrases,
     object_fact,
+    object_phrase,
     size_word,
     where_phrase,
 )
@@ -27,16 +32,21 @@ from cirlab.data.shapes.edits import (
     COLOUR_GROUPS,
     EXACT_KINDS,
     REGIONS,
+    STATE_TEMPLATES,
     Edit,
     Verbalised,
     benchmark_template_ids,
     one_step_edits,
     plural,
+    state_referable,
+    state_template_ids,
     verbalise,
 )
 from cirlab.data.shapes.world import (
+    DEFAULT_STYLE,
     N_CELLS,
     SIZES,
+    BenchmarkStyle,
     Combo,
     Scene,
     SceneConfig,
@@ -74,13 +84,50 @@ class ShapesQuery:
     heldout_combo: bool
 
 
-def choose_template(rng: random.Random, kind: str, heldout_ids: Collection[str], heldout: bool) -> str:
-    """A random benchmark template of ``kind``, from the held-out ones or from the others."""
-    pool = [t for t in benchmark_template_ids(kind) if (t in heldout_ids) == heldout]
+def choose_template(
+    rng: random.Random, kind: str, heldout_ids: Collection[str], heldout: bool, state: bool = False
+) -> str:
+    """A random benchmark template of ``kind``, from the held-out ones or from the others.
+
+    With ``state``, a target-state template where the kind has any (the removals do not: they keep instructions).
+    """
+    family = state_template_ids(kind) if state and kind in STATE_TEMPLATES else benchmark_template_ids(kind)
+    pool = [t for t in family if (t in heldout_ids) == heldout]
     if not pool:
         which = "held-out" if heldout else "non-held-out"
-        raise ValueError(f"no {which} benchmark template for {kind!r} edits; check heldout_templates")
+        raise ValueError(f"no {which} template for {kind!r} edits among {family}; check heldout_templates")
     return rng.choice(pool)
+
+
+def changed_cell(reference: Scene, target: Scene) -> int | None:
+    """The cell of the one object an edit made or changed in ``target`` (None after a removal)."""
+    made = set(target.objects) - set(reference.objects)
+    return next(iter(made)).cell if len(made) == 1 else None
+
+
+def reshoot(scene: Scene, cell: int | None, rng: random.Random) -> Scene:
+    """``scene`` shot again: every object but the one in ``cell`` moved to random other cells (a new layout).
+
+    The object in ``cell`` stays (none does when ``cell`` is None). Tries a few layouts for one that differs from
+    ``scene``; a scene whose objects cannot move (none besides the kept one) comes back as it is.
+    """
+    keep = [scene.at(cell)] if cell is not None and cell in scene.cells else []
+    others = [o for o in scene.objects if not keep or o.cell != cell]
+    free = [c for c in range(N_CELLS) if c != cell]
+    new = scene
+    for _ in range(20):
+        cells = rng.sample(free, len(others))
+        new = Scene((*keep, *(o.replace(cell=c) for o, c in zip(others, cells, strict=True))))
+        if new != scene:
+            break
+    return new
+
+
+def satisfied(style: BenchmarkStyle, edit: Edit, reference: Scene, candidate: Scene) -> bool:
+    """The ground truth of a world of ``style``: ``satisfied_anywhere`` when it re-shoots, else ``satisfied_by``."""
+    if style.reshoot:
+        return edit.satisfied_anywhere(reference, candidate)
+    return edit.satisfied_by(reference, candidate)
 
 
 def _seen(cfg: SceneConfig) -> Callable[[Combo], bool]:
@@ -235,11 +282,13 @@ def choose_distractors(
     target: Scene,
     n: int,
     combo_ok: Callable[[Combo], bool],
+    style: BenchmarkStyle = DEFAULT_STYLE,
 ) -> list[Scene]:
-    """``n`` hard negatives one step away from ``target``, none satisfying ``edit``.
+    """``n`` hard negatives one step away from ``target`` (the edit in place), none satisfying ``edit``.
 
     The edited object's wrong variants come first, one per attribute (colour, shape, size, position), then
-    one-step changes of the other objects.
+    one-step changes of the other objects. In a re-shooting ``style`` no negative satisfies the edit anywhere (a
+    move of an untouched object would), and they keep the reference's layout: look-alikes, as CIRR's are.
 
     Raises:
         RuntimeError: when fewer than ``n`` valid candidates exist.
@@ -251,7 +300,7 @@ def choose_distractors(
             and s not in chosen
             and cfg.min_objects <= len(s) <= cfg.max_objects
             and scene_ok(s, combo_ok)
-            and not edit.satisfied_by(reference, s)
+            and not satisfied(style, edit, reference, s)
         )
 
     changed = _changed_cells(reference, target)
@@ -290,6 +339,7 @@ def sample_cirr_query(
     focus_pool: Sequence[Combo],
     heldout_template: bool,
     n_distractors: int = 4,
+    style: BenchmarkStyle = DEFAULT_STYLE,
 ) -> ShapesQuery:
     """A CIRR-style query: exact edit, one target, ``n_distractors`` hard negatives.
 
@@ -301,6 +351,7 @@ def sample_cirr_query(
         focus_pool: held-out combinations to build the query around (one is drawn); empty for a seen query.
         heldout_template: verbalise with a held-out template.
         n_distractors: hard negatives (4 makes a 6-image set with the reference and the target).
+        style: how the target is shot and the text worded.
     """
 
     def targets_and_distractors(reference: Scene, edit: Edit, focus: Combo | None) -> _Outcome | None:
@@ -308,10 +359,14 @@ def sample_cirr_query(
         if not _policy_ok(cfg, reference, [target], focus):
             return None
         combo_ok = combo_filter(cfg.heldout, target.combos())
-        distractors = choose_distractors(rng, cfg, reference, edit, target, n_distractors, combo_ok)
+        distractors = choose_distractors(rng, cfg, reference, edit, target, n_distractors, combo_ok, style)
+        if style.reshoot:
+            target = reshoot(target, edit.kept_cell, rng)
         return (target,), distractors, frozenset({target})
 
-    return _sample_query(rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors)
+    return _sample_query(
+        rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors, style
+    )
 
 
 def sample_circo_query(
@@ -325,6 +380,7 @@ def sample_circo_query(
     max_gts: int,
     n_distractors: int,
     forbidden: Collection[Scene] = frozenset(),
+    style: BenchmarkStyle = DEFAULT_STYLE,
 ) -> ShapesQuery:
     """A CIRCO-style query: open edit, 1 to ``max_gts`` rendered ground truths (mostly several), near misses.
 
@@ -342,6 +398,8 @@ def sample_circo_query(
         max_gts: most ground truths to render.
         n_distractors: near misses to render.
         forbidden: scenes this query must not render.
+        style: how the ground truths are shot and the text worded; re-shot ground truths leave ``all_targets`` as
+            the rendered ones (the builder keeps the other scenes satisfying the edit anywhere out of the gallery).
     """
 
     def targets_and_distractors(reference: Scene, edit: Edit, focus: Combo | None) -> _Outcome | None:
@@ -355,10 +413,15 @@ def sample_circo_query(
             pool.sort(key=lambda s, f=focus: f not in s.combos())  # stable: focus-showing targets first
         k = rng.randint(min(2, len(pool)), min(max_gts, len(pool)))
         targets = pool[:k]
-        distractors = _circo_distractors(rng, cfg, reference, edit, targets, n_distractors, ok, forbidden)
+        distractors = _circo_distractors(rng, cfg, reference, edit, targets, n_distractors, ok, forbidden, style)
+        if style.reshoot:
+            targets = [reshoot(t, changed_cell(reference, t), rng) for t in targets]
+            all_targets = frozenset(targets)
         return tuple(targets), distractors, all_targets
 
-    return _sample_query(rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors)
+    return _sample_query(
+        rng, cfg, heldout_templates, kind, focus_pool, heldout_template, targets_and_distractors, style
+    )
 
 
 def _sample_query(
@@ -369,27 +432,35 @@ def _sample_query(
     focus_pool: Sequence[Combo],
     heldout_template: bool,
     targets_and_distractors: Callable[[Scene, Edit, Combo | None], _Outcome | None],
+    style: BenchmarkStyle,
 ) -> ShapesQuery:
-    """Draws (focus, reference, edit) until ``targets_and_distractors`` accepts one, then verbalises the edit.
+    """Draws (focus, reference, edit) until ``targets_and_distractors`` accepts one, then words it.
 
     The two benchmark formats share this loop and differ only in how targets and distractors are chosen; the order of
-    random draws (edit, targets, distractors, template, phrasing) is the same for both.
+    random draws (edit, targets, distractors, template, phrasing, alt-text) is the same for both.
     """
+    state = style.texts == "state+alt"
     for _ in range(_MAX_ATTEMPTS):
         focus = rng.choice(focus_pool) if focus_pool else None
         pair = _sample_edit(rng, cfg, kind, focus)
         if pair is None:
             continue
         reference, edit = pair
+        if state and not state_referable(edit, reference):
+            continue
         outcome = targets_and_distractors(reference, edit, focus)
         if outcome is None:
             continue
         targets, distractors, all_targets = outcome
-        template = choose_template(rng, kind, heldout_templates, heldout_template)
+        template = choose_template(rng, kind, heldout_templates, heldout_template, state)
+        verbalised = verbalise(edit, reference, template, rng)
+        if state:
+            alt = alt_caption(targets[0], rng, AltTextConfig(full=style.alt_full))[0]
+            verbalised = Verbalised(f"{verbalised.text}, {alt}", verbalised.template, verbalised.referring)
         return ShapesQuery(
             reference=reference,
             edit=edit,
-            verbalised=verbalise(edit, reference, template, rng),
+            verbalised=verbalised,
             targets=targets,
             distractors=tuple(distractors),
             all_targets=all_targets,
@@ -408,8 +479,9 @@ def _circo_distractors(
     n: int,
     combo_ok: Callable[[Combo], bool],
     forbidden: Collection[Scene],
+    style: BenchmarkStyle,
 ) -> list[Scene]:
-    """Near misses: one step from a random ground truth, touching what the edit changed when possible."""
+    """Near misses: one step from a random ground truth (in place), touching what the edit changed when possible."""
     chosen: list[Scene] = []
     for _ in range(n):
         target = rng.choice(targets)
@@ -423,28 +495,35 @@ def _circo_distractors(
             and s not in forbidden
             and cfg.min_objects <= len(s) <= cfg.max_objects
             and scene_ok(s, combo_ok)
-            and not edit.satisfied_by(reference, s)
+            and not satisfied(style, edit, reference, s)
         ]
         if candidates:
             chosen.append(rng.choice(candidates))
     return chosen
 
 
-def shared_concept(reference: Scene, edit: Edit) -> str:
+def shared_concept(reference: Scene, edit: Edit, anywhere: bool = False) -> str:
     """What the reference and every ground truth of an open edit have in common (CIRCO's ``shared_concept``).
+
+    With ``anywhere`` (re-shot ground truths) the untouched objects are named without their cells, which the ground
+    truths do not share.
 
     Example:
         "a large circle at the top left and a small blue square at the center" for "make the red circle a cool
         colour" on a scene with a large red circle at the top left and a small blue square at the center.
     """
+
+    def fact(o: ShapeObject) -> str:
+        return f"a {object_phrase(o)}" if anywhere else object_fact(o)
+
     if edit.kind == "add_any":
-        return eval_caption(reference)
+        return join_phrases([fact(o) for o in reference.objects])
     if edit.kind == "remove_one":
         kept = [o for o in reference.objects if not edit.selects(o)]
         left = len(reference) - len(kept) - 1
         noun = edit.shape if edit.shape is not None else f"{edit.colour} shape"
         group = f"{COUNT_WORDS[left]} {noun if left == 1 else plural(noun)}"
-        return join_phrases([object_fact(o) for o in kept] + [group])
+        return join_phrases([fact(o) for o in kept] + [group])
     assert edit.cell is not None
     obj = reference.at(edit.cell)
     size = size_word(obj.size)
@@ -454,4 +533,4 @@ def shared_concept(reference: Scene, edit: Edit) -> str:
         partial = f"a {size} {obj.colour} shape {where_phrase(obj.cell)}"
     else:
         partial = f"a {size} {obj.shape} {where_phrase(obj.cell)}"
-    return join_phrases([partial] + [object_fact(o) for o in reference.objects if o.cell != obj.cell])
+    return join_phrases([partial] + [fact(o) for o in reference.objects if o.cell != obj.cell])

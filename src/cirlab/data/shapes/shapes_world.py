@@ -40,7 +40,7 @@ from cirlab.data.shapes.synthetic import corrupt_file_name, write_synthetic
 from cirlab.data.shapes.world import Combo, ShapesConfig
 from cirlab.io import create_temp_dir, read_json
 
-CODE_VERSION = "shapes-world/2"
+CODE_VERSION = "shapes-world/3"
 """Bump whenever generation changes, so content-addressed worlds are rebuilt."""
 
 

@@ -2,8 +2,12 @@
 
 Every query of a CIRR split has a 6-image ``img_set``: reference, target and 4 hard distractors one step away
 from the target. A split's gallery (its ``image_splits`` file) holds every image its queries use plus
-``extra_gallery`` random scenes; every gallery image shows a different scene, so the target is the only image
-that satisfies the edit. Image names and CIRCO ids are assigned after shuffling, so they say nothing about roles.
+``extra_gallery`` random scenes; every gallery image shows a different scene, and no gallery image but a query's
+own ground truths satisfies its edit in the world's semantics (``queries.satisfied``: anywhere, when the style
+re-shoots): a query that another query's images would answer, or whose images would answer another, is drawn
+again, and so is an extra scene that would answer one. So a CIRR-format target is the only correct image, and a
+CIRCO-format query's ground truths are exactly its rendered ones. Image names and CIRCO ids are assigned after
+shuffling, so they say nothing about roles.
 
 Held-out templates and combinations appear only in test queries (``test1``, CIRCO ``test``), flagged in the
 ``shapes_meta`` files; train and val images, texts and scenes contain neither. The whole world's layout is in
@@ -18,8 +22,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cirlab.data.shapes.edits import EXACT_KINDS, OPEN_KINDS
-from cirlab.data.shapes.queries import ShapesQuery, sample_circo_query, sample_cirr_query, shared_concept
+from cirlab.data.shapes.edits import EXACT_KINDS, OPEN_KINDS, Looks, looks
+from cirlab.data.shapes.queries import (
+    ShapesQuery,
+    sample_circo_query,
+    sample_cirr_query,
+    satisfied,
+    shared_concept,
+)
 from cirlab.data.shapes.render import write_pngs
 from cirlab.data.shapes.world import Combo, Scene, ShapesConfig, combo_filter, component_rng, sample_scene
 
@@ -29,6 +39,50 @@ CIRR_SPLITS: dict[str, str] = {"train": "train", "val": "dev", "test1": "test1"}
 CIRCO_SPLITS: tuple[str, ...] = ("val", "test")
 
 Log = Callable[[str], None]
+
+_MAX_REDRAWS = 200
+
+
+class _Guard:
+    """Keeps second answers out of a gallery: the images of the queries accepted so far, indexed by their looks
+    (objects without cells), and the looks each query's answers must have (``Edit.target_looks``)."""
+
+    def __init__(self, cfg: ShapesConfig) -> None:
+        self.cfg = cfg
+        self.have: dict[Looks, set[Scene]] = {}
+        self.wanted: dict[Looks, list[ShapesQuery]] = {}
+
+    def _answers(self, q: ShapesQuery, scene: Scene) -> bool:
+        return scene not in q.targets and satisfied(self.cfg.style, q.edit, q.reference, scene)
+
+    def conflicts(self, q: ShapesQuery) -> bool:
+        """Whether ``q`` has a second answer among the gallery and its own images, or answers an earlier query."""
+        images = [q.reference, *q.targets, *q.distractors]
+        keys = q.edit.target_looks(q.reference, self.cfg.scene.shapes, self.cfg.scene.colours)
+        own = [s for s in images if looks(s.objects) in keys]
+        if any(self._answers(q, s) for key in keys for s in self.have.get(key, ())):
+            return True
+        return any(self._answers(q, s) for s in own) or any(map(self.blocks, images))
+
+    def blocks(self, scene: Scene) -> bool:
+        """Whether ``scene`` answers an accepted query it is not a ground truth of."""
+        return any(self._answers(r, scene) for r in self.wanted.get(looks(scene.objects), ()))
+
+    def add(self, q: ShapesQuery) -> None:
+        """Accepts ``q``: its images join the gallery and its answers are watched for."""
+        for scene in (q.reference, *q.targets, *q.distractors):
+            self.have.setdefault(looks(scene.objects), set()).add(scene)
+        for key in q.edit.target_looks(q.reference, self.cfg.scene.shapes, self.cfg.scene.colours):
+            self.wanted.setdefault(key, []).append(q)
+
+    def draw(self, sample: Callable[[], ShapesQuery]) -> ShapesQuery:
+        """``sample()`` until a query without conflicts comes, then accepts it."""
+        for _ in range(_MAX_REDRAWS):
+            q = sample()
+            if not self.conflicts(q):
+                self.add(q)
+                return q
+        raise RuntimeError(f"no query without a second answer in the gallery in {_MAX_REDRAWS} draws")
 
 
 def dump_json(path: Path, obj: Any, indent: int | None = None) -> None:
@@ -68,13 +122,19 @@ class _Gallery:
         return len(self.index)
 
     def add_extras(
-        self, rng: random.Random, cfg: ShapesConfig, n: int, combo_ok: Callable[[Combo], bool], avoid: frozenset[Scene]
+        self,
+        rng: random.Random,
+        cfg: ShapesConfig,
+        n: int,
+        combo_ok: Callable[[Combo], bool],
+        avoid: frozenset[Scene],
+        guard: _Guard,
     ) -> None:
-        """Adds ``n`` random scenes that are not yet present and not in ``avoid``."""
+        """Adds ``n`` random scenes that are not yet present, not in ``avoid`` and answer no query of ``guard``."""
         target = len(self) + n
         while len(self) < target:
             scene = sample_scene(rng, cfg.scene, combo_ok)
-            if scene not in self and scene not in avoid:
+            if scene not in self and scene not in avoid and not guard.blocks(scene):
                 self.add(scene)
 
     def shuffled(self, rng: random.Random) -> list[Scene]:
@@ -99,20 +159,23 @@ def _query_meta(q: ShapesQuery) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------- CIRR
 
 
-def _cirr_queries(cfg: ShapesConfig, split: str, n: int, rng: random.Random) -> list[ShapesQuery]:
+def _cirr_queries(cfg: ShapesConfig, split: str, n: int, rng: random.Random, guard: _Guard) -> list[ShapesQuery]:
     test = split == "test1"
     heldout_t = _flags(rng, n, cfg.cirr.heldout_template_fraction) if test else [False] * n
     heldout_c = _flags(rng, n, cfg.cirr.heldout_combo_fraction) if test else [False] * n
     pool = sorted(cfg.scene.heldout)
     return [
-        sample_cirr_query(
-            rng,
-            cfg.scene,
-            cfg.heldout_templates,
-            kind=kind,
-            focus_pool=pool if hc else [],
-            heldout_template=ht,
-            n_distractors=4,
+        guard.draw(
+            lambda kind=kind, ht=ht, hc=hc: sample_cirr_query(
+                rng,
+                cfg.scene,
+                cfg.heldout_templates,
+                kind=kind,
+                focus_pool=pool if hc else [],
+                heldout_template=ht,
+                n_distractors=4,
+                style=cfg.style,
+            )
         )
         for kind, ht, hc in zip(_balanced_kinds(rng, n, EXACT_KINDS), heldout_t, heldout_c, strict=True)
     ]
@@ -121,14 +184,15 @@ def _cirr_queries(cfg: ShapesConfig, split: str, n: int, rng: random.Random) -> 
 def _cirr_split(cfg: ShapesConfig, split: str, n: int, first_pairid: int, root: Path) -> int:
     """Samples, renders and writes one CIRR split; returns the number of gallery images."""
     rng = component_rng(cfg.seed, "cirr", split)
-    queries = _cirr_queries(cfg, split, n, rng)
+    guard = _Guard(cfg)
+    queries = _cirr_queries(cfg, split, n, rng, guard)
     gallery = _Gallery()
     for q in queries:
         for scene in (q.reference, q.targets[0], *q.distractors):
             gallery.add(scene)
     # Extra scenes in test may hold held-out combinations too, so those are not a tell of the held-out queries.
     extra_ok = (lambda _: True) if split == "test1" else combo_filter(cfg.scene.heldout)
-    gallery.add_extras(rng, cfg, cfg.cirr.extra_gallery, extra_ok, frozenset())
+    gallery.add_extras(rng, cfg, cfg.cirr.extra_gallery, extra_ok, frozenset(), guard)
 
     folder = CIRR_SPLITS[split]
     scenes = gallery.shuffled(rng)
@@ -190,7 +254,9 @@ def write_cirr(cfg: ShapesConfig, root: Path, log: Log) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------- CIRCO
 
 
-def _circo_queries(cfg: ShapesConfig, rng: random.Random) -> tuple[dict[str, list[ShapesQuery]], frozenset[Scene]]:
+def _circo_queries(
+    cfg: ShapesConfig, rng: random.Random, guard: _Guard
+) -> tuple[dict[str, list[ShapesQuery]], frozenset[Scene]]:
     """Samples the val and test queries, and the scenes no image may show.
 
     The seen queries are sampled first: a scene with a held-out combination that satisfies one of them is
@@ -213,16 +279,20 @@ def _circo_queries(cfg: ShapesConfig, rng: random.Random) -> tuple[dict[str, lis
             for i, (kind, ht, hc) in enumerate(p):
                 if hc != want_focus:
                     continue
-                q = sample_circo_query(
-                    rng,
-                    cfg.scene,
-                    cfg.heldout_templates,
-                    kind=kind,
-                    focus_pool=pool if hc else [],
-                    heldout_template=ht,
-                    max_gts=c.max_gts,
-                    n_distractors=c.distractors_per_query,
-                    forbidden=frozenset(forbidden),
+                frozen = frozenset(forbidden)
+                q = guard.draw(
+                    lambda kind=kind, ht=ht, hc=hc, frozen=frozen: sample_circo_query(
+                        rng,
+                        cfg.scene,
+                        cfg.heldout_templates,
+                        kind=kind,
+                        focus_pool=pool if hc else [],
+                        heldout_template=ht,
+                        max_gts=c.max_gts,
+                        n_distractors=c.distractors_per_query,
+                        forbidden=frozen,
+                        style=cfg.style,
+                    )
                 )
                 out[split][i] = q
                 if not hc:
@@ -234,13 +304,14 @@ def _circo_queries(cfg: ShapesConfig, rng: random.Random) -> tuple[dict[str, lis
 def write_circo(cfg: ShapesConfig, root: Path, log: Log) -> dict[str, int]:
     """Writes the CIRCO val and test annotations, the shared gallery and its image list under ``root``."""
     rng = component_rng(cfg.seed, "circo")
-    queries, forbidden = _circo_queries(cfg, rng)
+    guard = _Guard(cfg)
+    queries, forbidden = _circo_queries(cfg, rng, guard)
     gallery = _Gallery()
     for split in CIRCO_SPLITS:
         for q in queries[split]:
             for scene in (q.reference, *q.targets, *q.distractors):
                 gallery.add(scene)
-    gallery.add_extras(rng, cfg, cfg.circo.extra_gallery, lambda _: True, forbidden)
+    gallery.add_extras(rng, cfg, cfg.circo.extra_gallery, lambda _: True, forbidden, guard)
 
     scenes = gallery.shuffled(rng)
     ids = sorted(rng.sample(range(1, 1_000_000), len(scenes)))
@@ -269,7 +340,7 @@ def write_circo(cfg: ShapesConfig, root: Path, log: Log) -> dict[str, int]:
                     "reference_img_id": scene_id[q.reference],
                     "target_img_id": target,
                     "relative_caption": q.verbalised.text,
-                    "shared_concept": shared_concept(q.reference, q.edit),
+                    "shared_concept": shared_concept(q.reference, q.edit, anywhere=cfg.style.reshoot),
                     "gt_img_ids": [target, *others],
                     "id": i,
                     "semantic_aspects": [q.edit.kind],

@@ -275,6 +275,43 @@ class CircoConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkStyle:
+    """How both benchmark formats shoot their ground truths and word their texts, in every split.
+
+    The defaults make a Shapes query read like a CIRR one (docs/RESULTS.md, calibration section, has the probes
+    that chose them on val): the target is another photograph of the edited scene, so the reference's look misleads
+    as it does on CIRR, and the text describes the target, as CIRR's relative captions mostly do.
+
+    Attributes:
+        reshoot: each ground truth is rendered with the objects the edit did not touch moved to other random cells
+            (the object the edit made or changed keeps its cell; after a removal every object moves). A query's
+            ground truth is then any scene satisfying its edit *anywhere* (``Edit.satisfied_anywhere``), and the
+            builder keeps every other such scene out of the galleries. False: the edit in place, exact semantics.
+        texts: ``state+alt``: a target-state phrase (``STATE_TEMPLATES``; the removals keep their instruction)
+            followed by an alt-text caption of the (main) target, drawn as the pretraining captions are; ``edit``:
+            the instruction alone (``BENCHMARK_TEMPLATES``).
+        alt_full: chance that the target's alt-text is its complete caption (0: always a partial one).
+    """
+
+    reshoot: bool = True
+    texts: str = "state+alt"
+    alt_full: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.texts not in ("state+alt", "edit"):
+            raise ValueError(f"unknown benchmark text style {self.texts!r} (state+alt, edit)")
+        if not 0.0 <= self.alt_full <= 1.0:
+            raise ValueError(f"alt_full must be a probability, got {self.alt_full}")
+
+
+DEFAULT_STYLE = BenchmarkStyle()
+"""The default: re-shot ground truths, target-state + alt-text texts."""
+
+LEGACY_STYLE = BenchmarkStyle(reshoot=False, texts="edit")
+"""Code version 2's benchmark: edits applied in place, instruction texts."""
+
+
+@dataclass(frozen=True)
 class CorpusConfig:
     """The image-caption corpus for backbone pretraining and the zero-shot methods (no triplets).
 
@@ -328,6 +365,16 @@ DEFAULT_HELDOUT_TEMPLATES: tuple[str, ...] = (
     "reshape_any/2",
     "recolour_any/2",
     "remove_one/2",
+    "state/add/3",
+    "state/recolour/3",
+    "state/reshape/3",
+    "state/resize/3",
+    "state/move/3",
+    "state/add_any/2",
+    "state/recolour_group/2",
+    "state/move_region/2",
+    "state/reshape_any/2",
+    "state/recolour_any/2",
 )
 
 
@@ -339,8 +386,9 @@ class ShapesConfig:
         seed: master seed; every component draws from its own stream derived from it.
         render: rendering and jitter.
         scene: vocabulary, scene distribution and held-out combinations.
-        heldout_templates: benchmark template ids (``"<kind>/<index>"``, see ``edits.py``) used only in test
-            queries.
+        heldout_templates: benchmark and target-state template ids (``"<kind>/<index>"``,
+            ``"state/<kind>/<index>"``, see ``edits.py``) used only in test queries.
+        style: how the benchmarks shoot their targets and word their texts.
         cirr: the CIRR-format benchmark.
         circo: the CIRCO-format benchmark.
         corpus: the image-caption corpus.
@@ -351,6 +399,7 @@ class ShapesConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)
     heldout_templates: tuple[str, ...] = DEFAULT_HELDOUT_TEMPLATES
+    style: BenchmarkStyle = field(default_factory=BenchmarkStyle)
     cirr: CirrConfig = field(default_factory=CirrConfig)
     circo: CircoConfig = field(default_factory=CircoConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
