@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import shutil
 
@@ -32,6 +33,7 @@ from cirlab.training.clip_pretrain import (
     CLIPPretrainConfig,
     export_pretrained,
     heldout_scenes,
+    modality_gap_for,
     pretrain_clip,
     retrieval_recall,
 )
@@ -136,9 +138,18 @@ def test_pretraining_learns_and_exports_a_verified_loadable_model(tmp_path):
     export_pretrained(backbone, cfg, metrics, "cirlab shapes-pretrain test", tmp_path / "shapes-clip")
     record = json.loads((tmp_path / "shapes-clip" / RECORD_FILE).read_text())
     assert record["command"] == "cirlab shapes-pretrain test" and "model.safetensors" in record["files"]
+    # The record names the gap that lifts the trained logit scale to CLIP's 100, and loading applies it.
+    scale = float(backbone.model.logit_scale.detach().exp())
+    assert scale < 100 and record["modality_gap"] == pytest.approx(math.sqrt((100 / scale) ** 2 - 1))
     loaded = shapes_clip(str(tmp_path / "shapes-clip"))
+    assert loaded.modality_gap == record["modality_gap"] and loaded.name.endswith(f"#gap={record['modality_gap']!r}")
+    assert float(loaded.model.logit_scale.detach().exp()) == pytest.approx(100.0, rel=1e-4)
+    assert loaded.embed_dim == backbone.embed_dim + 1
     pixels = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(loaded.encode_image(pixels).embeds, backbone.encode_image(pixels).embeds)
+    torch.testing.assert_close(loaded.encode_image(pixels).embeds[:, :-1], backbone.encode_image(pixels).embeds)
+    plain = shapes_clip(str(tmp_path / "shapes-clip"), modality_gap=0.0)  # `shapes-clip:<dir>#gap=0`
+    torch.testing.assert_close(plain.encode_image(pixels).embeds, backbone.encode_image(pixels).embeds)
+    assert modality_gap_for(120.0, 100.0) == 0.0 and modality_gap_for(50.0, None) == 0.0
     # A damaged file is named, never loaded.
     weights = tmp_path / "shapes-clip" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")

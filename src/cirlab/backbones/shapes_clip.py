@@ -61,14 +61,20 @@ def verify(directory: Path, record: dict[str, Any]) -> None:
 
 @BACKBONES.register("shapes-clip")
 def shapes_clip(weights: str | None = None, **kwargs: Any) -> Any:
-    """The shipped Shapes CLIP (digests checked), or ``shapes-clip:<dir>`` for one written by ``shapes-pretrain``;
-    ``modality_gap`` (or the spec option ``#gap=C``) gives it a modality gap (``HFCLIPBackbone``)."""
+    """The shipped Shapes CLIP (digests checked), or ``shapes-clip:<dir>`` for one written by ``shapes-pretrain``.
+
+    It comes with the modality gap its record names (``PRETRAINED.json``'s ``modality_gap``: the gap that brings
+    its logit scale to real CLIP's 100; ``HFCLIPBackbone``); ``modality_gap`` (or the spec option ``#gap=C``)
+    overrides it, ``#gap=0`` for none. A directory without a record gets no gap.
+    """
     from cirlab.backbones.hf_clip import HFCLIPBackbone, gap_spec
 
     directory = Path(weights) if weights else shipped_dir()
     record_path = directory / RECORD_FILE
     if record_path.is_file():
-        verify(directory, shipped_record(directory))
+        record = shipped_record(directory)
+        verify(directory, record)
+        kwargs.setdefault("modality_gap", float(record.get("modality_gap", 0.0)))
     backbone = HFCLIPBackbone.from_pretrained(str(directory), **kwargs)
     backbone.name = gap_spec(f"shapes-clip:{weights}" if weights else "shapes-clip", backbone.modality_gap)
     return backbone

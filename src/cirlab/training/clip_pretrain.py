@@ -11,6 +11,7 @@ backbone serves every world built with the same scene vocabulary, held-out combi
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 from collections.abc import Callable
@@ -69,6 +70,10 @@ class CLIPPretrainConfig:
         render: the renderer (must be the worlds' own).
         tokenizer_texts: captions drawn to train the BPE tokenizer.
         eval_scenes: fresh held-out scenes for the retrieval check that selects the best checkpoint.
+        gap_logit_scale: the exported CLIP is used with the modality gap (``HFCLIPBackbone``) that brings its
+            logit scale to this value, real CLIP's 100, so its image-text cosines are as compressed as a real
+            CLIP's must be (``modality_gap_for``); recorded in ``PRETRAINED.json``. Not trained: the gap leaves
+            every image-text ranking as it is. None: no gap.
     """
 
     model: SmallCLIPConfig = field(default_factory=shapes_clip_model)
@@ -83,6 +88,19 @@ class CLIPPretrainConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     tokenizer_texts: int = 20000
     eval_scenes: int = 1000
+    gap_logit_scale: float | None = 100.0
+
+
+def modality_gap_for(logit_scale: float, target: float | None) -> float:
+    """The modality gap ``C`` that lifts a CLIP's ``logit_scale`` (exp'd) to ``target``: sqrt(1 + C**2) is their
+    ratio (``HFCLIPBackbone``). 0 when ``target`` is None or not above the scale.
+
+    Example:
+        The shipped Shapes CLIP ends at 30.66, so C = sqrt((100 / 30.66) ** 2 - 1) = 3.10.
+    """
+    if target is None or target <= logit_scale:
+        return 0.0
+    return math.sqrt((target / logit_scale) ** 2 - 1.0)
 
 
 def tokenizer_corpus(cfg: CLIPPretrainConfig, seed: int) -> list[str]:
@@ -188,7 +206,8 @@ def export_pretrained(
     backbone: HFCLIPBackbone, cfg: CLIPPretrainConfig, metrics: dict[str, float], command: str, path: str | Path
 ) -> None:
     """Writes ``backbone`` as a shippable Shapes CLIP: the model directory plus ``PRETRAINED.json`` (the SHA-256 of
-    every file, the command that made it, the pretraining config, the held-out-scene metrics, the versions).
+    every file, the command that made it, the modality gap it is used with, the pretraining config, the
+    held-out-scene metrics, the versions).
 
     Written beside ``path`` and renamed into place, so a crash leaves no half-written model.
     """
@@ -202,9 +221,12 @@ def export_pretrained(
     try:
         backbone.save_pretrained(tmp / "model")
         files = {p.name: file_digest(p) for p in sorted((tmp / "model").iterdir()) if p.is_file()}
+        # The scale without any gap the backbone was built with: the gap raised it by sqrt(1 + C**2).
+        scale = float(backbone.model.logit_scale.detach().exp()) / math.hypot(1.0, backbone.modality_gap)
         record = {
             "command": command,
             "files": files,
+            "modality_gap": modality_gap_for(scale, cfg.gap_logit_scale),
             "metrics": metrics,
             "config": to_dict(cfg),
             "versions": {
