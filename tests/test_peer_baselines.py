@@ -263,6 +263,25 @@ def test_combiner_is_clip4cirs_with_a_residual_over_the_raw_features(tiny_backbo
     assert not tuned.image_encoder_frozen
 
 
+def test_the_combiner_stage_encodes_each_text_once_and_forgets_at_a_new_stage(tiny_backbone):
+    tuned = create_method("combiner", tiny_backbone).eval()
+    tuned.prepare_stage("combiner")
+    texts = ["make it red", "a blue circle", "make it red"]
+    calls: list[list[str]] = []
+    encode = tuned.text_features
+    tuned.text_features = lambda batch: calls.append(list(batch)) or encode(batch)
+    cached = tuned._frozen_text_features(texts)
+    torch.testing.assert_close(cached, encode(texts))
+    tuned._frozen_text_features(["a blue circle", "a green star"])
+    assert calls == [["make it red", "a blue circle"], ["a green star"]]  # each text once per stage
+    with torch.no_grad():  # stage 1 changes the text encoder: a new stage must not serve stale features
+        for q in tuned.backbone.parameters():
+            q.add_(0.01)
+    tuned.prepare_stage("combiner")
+    torch.testing.assert_close(tuned._frozen_text_features(texts), encode(texts))
+    assert not torch.allclose(tuned._frozen_text_features(texts), cached)
+
+
 def test_fashioniq_training_text_is_drawn_from_four_combinations():
     options = training_captions(["is red.", " has sleeves "])
     assert options == ["is red and has sleeves", "has sleeves and is red", "is red", "has sleeves"]
