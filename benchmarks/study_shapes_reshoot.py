@@ -43,7 +43,10 @@ it (a run's key names its backbone, so they never mix with the shipped CLIP's). 
 trains a peer with run-config overrides (a departure from its preset, for diagnosis only: e.g.
 ``pic2word:method.temperature=0.0325``).
 
-docs/RESULTS.md has its table (the calibration section).
+docs/RESULTS.md has its table (the calibration section). Its tables were measured on world code version 2 (edits in
+place, instruction texts), at the commits they name. Since code version 3 the default world is itself re-shot
+(``BenchmarkStyle``, built from what these probes found), so on today's world this re-shoots ground truths that
+already are; check out one of those commits to reproduce a table.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ with the peers trained on that CLIP in ``--runs``. ``--gap C`` gives the CLIP a 
 (``HFCLIPBackbone``'s ``modality_gap``: the text weighs 1 / sqrt(1 + C**2) in ``sum``), with the peers trained on
 it (a run's key names its backbone, so they never mix with the shipped CLIP's).
 
-docs/RESULTS.md has its table (the calibration section).
+docs/RESULTS.md has its table (the calibration section). Its tables were measured on world code version 2 (edits in
+place, instruction texts), at the commits they name. Since code version 3 the default world is itself re-shot
+(``BenchmarkStyle``, built from what these probes found), so on today's world this re-shoots ground truths that
+already are; check out one of those commits to reproduce a table.
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ reports every calibration row on its **validation** split:
 the peers included, is then computed and trained on that backbone (a run's key names its backbone). ``--quick``
 re-shoots the quick world instead, every method at its quick schedule (``--scale`` multiplies that).
 
-docs/RESULTS.md has its table (the calibration section).
+docs/RESULTS.md has its table (the calibration section). Its tables were measured on world code version 2 (edits in
+place, instruction texts), at the commits they name. Since code version 3 the default world is itself re-shot
+(``BenchmarkStyle``, built from what these probes found), so on today's world this re-shoots ground truths that
+already are; check out one of those commits to reproduce a table.
 """
 
 from __future__ import annotations
