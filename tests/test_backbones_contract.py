@@ -141,7 +141,10 @@ def test_a_saved_backbone_loads_with_the_same_features(built, tmp_path):
             backbone.save_pretrained(tmp_path / "saved")
         return
     backbone.save_pretrained(tmp_path / "saved")
-    loaded = cirlab.create_backbone(f"{loader}:{tmp_path / 'saved'}").freeze()
+    # A checkpoint is written without the modality gap (the shipped Shapes CLIP has one): the spec carries it back.
+    gap = getattr(backbone, "modality_gap", 0.0)
+    spec = f"{loader}:{tmp_path / 'saved'}" + (f"#gap={gap!r}" if gap else "")
+    loaded = cirlab.create_backbone(spec).freeze()
     assert loaded.image_transform == backbone.image_transform
     pixels = backbone.preprocess(_images(backbone, 2))
     with torch.no_grad():
