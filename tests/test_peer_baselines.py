@@ -263,6 +263,15 @@ def test_combiner_is_clip4cirs_with_a_residual_over_the_raw_features(tiny_backbo
     assert not tuned.image_encoder_frozen
 
 
+def test_the_combiners_text_fine_tuning_leaves_the_image_embedding_alone(tiny_backbone):
+    method = create_method("combiner", tiny_backbone, {"finetune": "text"})
+    trained = {id(p) for p in method.trainable_parameters("finetune")}
+    projection = {id(p) for p in method.backbone.model.visual_projection.parameters()}
+    assert trained and not trained & projection  # the projection is part of the image encoder, as in CLIP
+    method.prepare_stage("finetune")
+    assert method.image_encoder_frozen  # so cached image features stay valid
+
+
 def test_the_combiner_stage_encodes_each_text_once_and_forgets_at_a_new_stage(tiny_backbone):
     tuned = create_method("combiner", tiny_backbone).eval()
     tuned.prepare_stage("combiner")

@@ -130,8 +130,9 @@ class HFCLIPBackbone(nn.Module):
         return self.model.logit_scale.device
 
     def image_encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """The vision tower's parameters (what cached image features depend on)."""
-        return self.model.vision_model.parameters()
+        """The vision tower's and its projection's parameters (what cached image features depend on)."""
+        yield from self.model.vision_model.parameters()
+        yield from self.model.visual_projection.parameters()
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TokenBatch:
