@@ -94,7 +94,15 @@ class ImageTransform:
         return padded
 
     def to_array(self, image: Image.Image) -> np.ndarray:
-        """Pads (``pad_ratio``), resizes and crops one PIL image; returns float32 (3, size, size), normalised.
+        """Pads (``pad_ratio``), resizes and crops one PIL image (:meth:`to_uint8`); returns float32
+        (3, size, size), normalised."""
+        arr = self.to_uint8(image).astype(np.float32) / 255.0  # (size, size, 3)
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, size, size)
+
+    def to_uint8(self, image: Image.Image) -> np.ndarray:
+        """Pads (``pad_ratio``), resizes and crops one PIL image; returns its uint8 pixels (size, size, 3), not yet
+        normalised (:meth:`from_uint8` finishes them).
 
         Work and memory are bounded whatever the image's shape. CLIP's rule scales the short side to
         ``resize_to``, so a 1 x 40000 image would become 224 x 8,960,000 before the crop (gigabytes, a minute).
@@ -119,9 +127,7 @@ class ImageTransform:
             if (new_w, new_h) != (w, h):
                 image = image.resize((new_w, new_h), resample)
             image = image.crop((left, top, left + self.size, top + self.size))
-        arr = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3)
-        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, size, size)
+        return np.asarray(image, dtype=np.uint8)
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """Preprocesses a list of PIL images into a float32 batch (B, 3, size, size)."""

@@ -161,10 +161,13 @@ class CIRMethod(nn.Module):
     @property
     def image_encoder_frozen(self) -> bool:
         """Whether image features depend only on the (frozen) backbone, so cached features are valid."""
-        return (
-            not any(p.requires_grad for p in self.backbone.image_encoder_parameters())
-            and not self._image_encoder_finetuned
-        )
+        return not self.image_encoder_training and not self._image_encoder_finetuned
+
+    @property
+    def image_encoder_training(self) -> bool:
+        """Whether the image encoder has trainable parameters now (``prepare_stage`` decides). While it has none, an
+        image's features do not change, even if an earlier stage fine-tuned the encoder."""
+        return any(p.requires_grad for p in self.backbone.image_encoder_parameters())
 
     def encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
         """Encodes pixels with the method's image encoder (the backbone's unless a method overrides it)."""

@@ -159,10 +159,14 @@ class TMCIR(CIRMethod):
     @property
     def image_encoder_frozen(self) -> bool:
         """False once any image-tower tensor is trained or was loaded fine-tuned (then cached features are stale)."""
-        model = self.backbone.model
-        tower = [*model.vision_model.parameters(), *model.visual_projection.parameters()]
         loaded = any(k.startswith(VISION_PREFIXES) for k in self._finetuned_keys)
-        return not any(p.requires_grad for p in tower) and not self._image_encoder_finetuned and not loaded
+        return not self.image_encoder_training and not self._image_encoder_finetuned and not loaded
+
+    @property
+    def image_encoder_training(self) -> bool:
+        """Whether any image-tower tensor (the vision model or its projection) trains now."""
+        model = self.backbone.model
+        return any(p.requires_grad for p in [*model.vision_model.parameters(), *model.visual_projection.parameters()])
 
     def encode_text_tokens(self, template: str, texts: list[str]) -> TextFeatures:
         """The (trainable) text encoder's output for ``texts`` filled into ``template``."""

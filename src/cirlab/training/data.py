@@ -22,6 +22,9 @@ from cirlab.types import ImageFeatures
 
 __all__ = ["FeatureTable", "PixelTable", "Triplet", "epoch_indices", "make_batch_fn", "mine_hard_negatives"]
 
+ENCODED_ONCE_MAX_BYTES = 2 << 30
+"""The most memory ``PixelTable.encoded_once`` gives the features of a stage's images (2 GiB)."""
+
 
 @dataclass
 class PixelTable:
@@ -42,6 +45,37 @@ class PixelTable:
 
     def gather(self, rows: torch.Tensor) -> ImageFeatures:
         return self.encode(self.pixels(rows))
+
+    @torch.no_grad()
+    def encoded_once(
+        self, reads: int, batch_size: int = 256, max_bytes: int = ENCODED_ONCE_MAX_BYTES
+    ) -> FeatureTable | PixelTable:
+        """Every image encoded now, as a ``FeatureTable``, for a stage whose image encoder does not train.
+
+        Args:
+            reads: how many image reads the stage will make; encoding every image is only worth it when the table
+                holds fewer images than that.
+            batch_size: images per encoder call.
+            max_bytes: the most memory the features may take (checked after the first batch).
+
+        Returns:
+            The features, or this table itself when encoding everything would cost more encodings or memory.
+        """
+        n = len(self)
+        if n == 0 or n > reads:
+            return self
+        embeds: list[torch.Tensor] = []
+        tokens: list[torch.Tensor] = []
+        for start in range(0, n, batch_size):
+            feats = self.gather(torch.arange(start, min(start + batch_size, n)))
+            if start == 0:
+                row_bytes = (feats.embeds[:1].numel() + feats.tokens[:1].numel()) * feats.embeds.element_size()
+                if row_bytes * n > max_bytes:
+                    return self
+            embeds.append(feats.embeds.detach().cpu())
+            tokens.append(feats.tokens.detach().cpu())
+        token_table = torch.cat(tokens) if tokens[0].numel() else None
+        return FeatureTable(list(self.names), torch.cat(embeds), token_table)
 
 
 def epoch_indices(n: int, batch_size: int, step: int, micro: int, grad_accum: int, seed: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from cirlab.data.benchmark import FASHIONIQ_CATEGORIES
 from cirlab.distributed import World, current_world
 from cirlab.evaluation.evaluate import evaluate
 from cirlab.evaluation.protocols import combine_metrics
+from cirlab.features.table import FeatureTable
 from cirlab.io import atomic_write_json
 from cirlab.methods.base import CIRMethod, load_weights
-from cirlab.training.data import make_batch_fn, mine_hard_negatives
+from cirlab.training.data import PixelTable, make_batch_fn, mine_hard_negatives
 from cirlab.training.loop import TrainConfig, train
 
 
@@ -56,6 +58,21 @@ def load_previous_stage(method: CIRMethod, stage_dir: Path) -> None:
         load_weights(method, best.parent)
     else:
         warnings.warn(f"{method.name}: stage {stage_dir.name!r} is skipped and has no weights at {best}", stacklevel=3)
+
+
+def _stage_split_features(method: CIRMethod, source: Any) -> Callable[[str], FeatureTable]:
+    """Split name -> the features one stage's validation reads: fetched at every call while the image encoder
+    trains (they change at every step), once per stage while the stage leaves it frozen."""
+    frozen: dict[str, FeatureTable] = {}
+
+    def features(name: str) -> FeatureTable:
+        if method.image_encoder_training:
+            return source.features_for(method, name)
+        if name not in frozen:
+            frozen[name] = source.features_for(method, name)
+        return frozen[name]
+
+    return features
 
 
 def fit(
@@ -96,7 +113,13 @@ def fit(
         method.prepare_stage(stage.name)
         request = method.data_request(stage.name)
         data = source.stage_data(request, run_cfg.synthetic)
-        images = method.prepare_data(stage.name, data.images)
+        images = data.images
+        if isinstance(images, PixelTable) and not method.image_encoder_training:
+            # An earlier stage fine-tuned the image encoder and this one leaves it frozen (CLIP4Cir's Combiner
+            # stage): an image's features do not change here, so each image is encoded once instead of at every
+            # read, when that is fewer encodings and the features fit in memory.
+            images = images.encoded_once(reads=cfg.steps * cfg.batch_size * cfg.grad_accum)
+        images = method.prepare_data(stage.name, images)
         batch_fn = make_batch_fn(
             request.kind,
             cfg.batch_size,
@@ -109,10 +132,11 @@ def fit(
             world=world,
         )
 
-        def eval_fn() -> dict[str, float]:
-            # Fetched per call: a method that fine-tunes its image encoder has new features at every evaluation.
+        split_features = _stage_split_features(method, source)
+
+        def eval_fn(split_features: Callable[[str], FeatureTable] = split_features) -> dict[str, float]:
             results = [
-                evaluate(method, split, features=source.features_for(method, name)).metrics
+                evaluate(method, split, features=split_features(name)).metrics
                 for split, name in zip(vals, val_names, strict=True)
             ]
             return combine_metrics(vals, results) if len(vals) > 1 else results[0]
