@@ -223,3 +223,26 @@ def test_dry_run_of_the_mllm_preset(tmp_path, capsys):
     report = json.loads((out / "train_report.json").read_text())
     assert set(report) == {"prior", "adapter"} and all(stage["steps"] <= 2 for stage in report.values())
     assert (out / "model.safetensors").is_file()
+
+
+def test_quick_runs_make_the_full_worlds_passes_over_each_stages_data():
+    from cirlab.data.shapes import ShapesConfig
+    from cirlab.experiments.runs import quick_steps
+    from cirlab.training.run_config import scale_steps
+
+    full, quick = ShapesConfig(), ShapesConfig.quick()
+    for data, size in [
+        ("triplets", lambda c: c.cirr.train_queries),
+        ("pseudo_triplets", lambda c: c.cirr.train_queries),
+        ("synthetic_triplets", lambda c: c.synthetic.triplets),
+        ("images", lambda c: c.corpus.images),
+        ("pairs", lambda c: c.corpus.images),
+        ("captions", lambda c: c.corpus.images),
+    ]:
+        assert quick_steps(data) == size(quick) / size(full) < 1
+    cfg = load_run_config("combiner", "shapes")
+    scaled = scale_steps(cfg, {"finetune": 0.125, "combiner": 0.5})
+    assert (scaled.finetune.steps, scaled.combiner.steps) == (cfg.finetune.steps // 8, cfg.combiner.steps // 2)
+    assert scaled.finetune.eval_every == -(-cfg.finetune.eval_every // 8)  # rounded up, at least 1
+    with pytest.raises(KeyError, match="combiner"):
+        scale_steps(cfg, {"finetune": 0.5})

@@ -165,7 +165,7 @@ def study_table(results: dict[str, Any], latency: bool = False) -> str:
 
 def study_markdown(results: dict[str, Any], title: str, notes: Sequence[str] = (), latency: bool = False) -> str:
     """A titled table with the setting it was measured in and the command that measured it."""
-    mode = "quick world, steps x 0.25" if results["quick"] else "full world"
+    mode = "quick world, the full world's passes over its data" if results["quick"] else "full world"
     lines = [
         f"### {title} ({mode}; seeds {results['seeds']}; %)",
         "",
@@ -208,7 +208,7 @@ def study_main(
     parser = argparse.ArgumentParser(description=title)
     parser.add_argument("--out", type=Path, default=Path("runs") / f"results-{name}", help="output folder")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (mean ± std over them)")
-    parser.add_argument("--quick", action="store_true", help="the small world and a quarter of the steps")
+    parser.add_argument("--quick", action="store_true", help="the small world, with as many passes over its data")
     parser.add_argument("--root", type=Path, default=SHAPES_ROOT, help="where Shapes worlds and CLIPs are kept")
     parser.add_argument(
         "--runs", type=Path, default=None, help="where trained runs are kept (default: runs/demo/methods, shared)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, make_dataclass
 from importlib import resources
 from pathlib import Path
@@ -125,10 +126,19 @@ def scale_train(cfg: TrainConfig, factor: float) -> TrainConfig:
     return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.steps * factor)), eval_every=eval_every)
 
 
-def scale_steps(run_cfg: Any, factor: float) -> Any:
-    """A run config with every stage's loop config scaled by ``factor`` (``cirlab demo --quick``)."""
+def scale_steps(run_cfg: Any, factor: float | Mapping[str, float]) -> Any:
+    """A run config with every stage's loop config scaled by ``factor``, or by ``factor[stage]`` per stage
+    (``cirlab demo --quick``); a mapping that leaves a stage out raises ``KeyError`` naming it."""
+
+    def of(stage: str) -> float:
+        if not isinstance(factor, Mapping):
+            return factor
+        if stage not in factor:
+            raise KeyError(f"no step factor for stage {stage!r}; given for {', '.join(factor) or 'none'}")
+        return factor[stage]
+
     changes = {
-        f.name: scale_train(getattr(run_cfg, f.name), factor)
+        f.name: scale_train(getattr(run_cfg, f.name), of(f.name))
         for f in dataclasses.fields(run_cfg)
         if isinstance(getattr(run_cfg, f.name), TrainConfig)
     }
