@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cirlab.training.sources as sources
+import cirlab.features.images as feature_images
 from cirlab.data.cirr import load_cirr
 from cirlab.features.table import FeatureTable
 from cirlab.methods import create_method
@@ -103,8 +103,8 @@ def test_file_pixels_decode_each_image_once_and_match_preprocessing(tiny_backbon
         paths.append(tmp_path / f"{k}.png")
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(paths[-1])
     decoded: list[str] = []
-    load = sources.load_image
-    monkeypatch.setattr(sources, "load_image", lambda p: decoded.append(Path(p).name) or load(p))
+    load = feature_images.load_image
+    monkeypatch.setattr(feature_images, "load_image", lambda p: decoded.append(Path(p).name) or load(p))
     pixels = file_pixels(tiny_backbone, paths)
     rows = torch.tensor([2, 0, 1, 0])
     expected = tiny_backbone.preprocess([Image.open(paths[i]) for i in rows.tolist()])
@@ -140,3 +140,40 @@ def test_length_grouped_embeddings_are_the_plain_ones_in_order(tiny_backbone, gr
     finally:
         weight.requires_grad_(False)
         weight.grad = None
+
+
+def test_a_fine_tuned_encoders_validation_split_is_decoded_once(tiny_backbone, tmp_path, monkeypatch):
+    from cirlab.features.images import split_features, split_image_names
+    from cirlab.training.sources import SplitSource
+    from imagefiles import draw_image
+
+    split = load_cirr(FIXTURES / "cirr", tmp_path, "val")
+    names = split_image_names(split)
+    for i, name in enumerate(names):
+        draw_image(split.image_path(name), seed=i)
+
+    class OneSplit(SplitSource):
+        def __init__(self) -> None:
+            self.cache, self._features, self._crops = None, {}, {}
+
+        def split(self, name: str):
+            return split
+
+        def servers(self):
+            return {}
+
+    method = create_method("combiner", tiny_backbone)  # stage 1 fine-tunes the image encoder
+    assert not method.image_encoder_frozen
+    plain = split_features(method.eval(), split)
+    decoded: list[str] = []
+    load = feature_images.load_image
+    monkeypatch.setattr(feature_images, "load_image", lambda p: decoded.append(str(p)) or load(p))
+    source = OneSplit()
+    first = source.features_for(method, "cirr/val")
+    assert torch.equal(first.embeds, plain.embeds) and first.names == plain.names
+    with torch.no_grad():  # the encoder trains between two evaluations: new features, same pixels
+        for p in method.backbone.image_encoder_parameters():
+            p.add_(0.01)
+    second = source.features_for(method, "cirr/val")
+    assert not torch.allclose(second.embeds, first.embeds)
+    assert sorted(decoded) == sorted(str(split.image_path(n)) for n in names)  # each file once

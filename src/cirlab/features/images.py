@@ -122,6 +122,41 @@ class ImageSet(ABC):
         """Lets go of anything held while encoding (decoding threads)."""
 
 
+DECODED_CROPS_MAX_BYTES = 1 << 30
+"""The most memory one :class:`DecodedCrops` keeps (1 GiB: every image of the Shapes world's train split, about a
+twelfth of CIRR's at 224 pixels)."""
+
+
+class DecodedCrops:
+    """Image files' preprocessed crops, kept as uint8 pixels after their first decoding (up to ``max_bytes``; later
+    files are decoded at every read), for images that a fine-tuned encoder reads again and again.
+
+    The pixels are exactly what ``transform`` makes of the files (:meth:`ImageTransform.to_uint8`, then
+    :meth:`ImageTransform.from_uint8`).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], transform: Any, max_bytes: int = DECODED_CROPS_MAX_BYTES):
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+        self._capacity = max_bytes // (transform.size * transform.size * 3)
+        self._crops: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _crop(self, position: int) -> np.ndarray:
+        crop = self._crops.get(position)
+        if crop is None:
+            crop = self.transform.to_uint8(load_image(self.paths[position]))
+            if len(self._crops) < self._capacity:
+                self._crops[position] = crop
+        return crop
+
+    def pixels(self, positions: Sequence[int]) -> torch.Tensor:
+        """The images at ``positions``, preprocessed (B, 3, S, S) float32."""
+        return self.transform.from_uint8(np.stack([self._crop(i) for i in positions]))
+
+
 class FileImages(ImageSet):
     """Image files, identified by their bytes (digests through the cache's stat memo, or given).
 
@@ -130,12 +165,22 @@ class FileImages(ImageSet):
         digests: their content digests when the caller has them already (``FeatureCache.digests``).
         decode_threads: threads decoding and preprocessing files ahead of the model (PIL and numpy release the GIL);
             0 decodes each batch when it is asked for.
+        crops: the same files' decoded crops, kept across calls (read when the transform is theirs).
     """
 
-    def __init__(self, paths: Sequence[str | Path], digests: Sequence[str] | None = None, decode_threads: int = 0):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        digests: Sequence[str] | None = None,
+        decode_threads: int = 0,
+        crops: DecodedCrops | None = None,
+    ):
         self.paths = [Path(p) for p in paths]
         self.digests = list(digests) if digests is not None else None
         self.decode_threads = decode_threads
+        self.crops = crops
+        if crops is not None and crops.paths != self.paths:
+            raise ValueError("the decoded crops are of other files")
         self._prefetch: _Prefetcher | None = None
 
     def __len__(self) -> int:
@@ -145,6 +190,8 @@ class FileImages(ImageSet):
         return list(self.digests) if self.digests is not None else cache.digests(self.paths)
 
     def pixels(self, positions: Sequence[int], transform: Any) -> torch.Tensor:
+        if self.crops is not None and self.crops.transform == transform:
+            return self.crops.pixels(positions)
         if self.decode_threads < 1:
             return transform([load_image(self.paths[i]) for i in positions])
         if self._prefetch is None:
@@ -395,6 +442,7 @@ def split_features(
     tokens: bool | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    crops: DecodedCrops | None = None,
 ) -> FeatureTable:
     """Image features of every image of a split (:func:`split_image_names`), the one computation of them that the
     evaluator and the training sources share.
@@ -406,6 +454,8 @@ def split_features(
         tokens: also patch tokens (default: what the method reads, ``needs_image_tokens``; none for a backbone).
         batch_size: images per encoder call.
         progress: show a progress bar while encoding.
+        crops: the split's images decoded once and kept (:func:`split_crops`), for a fine-tuned encoder that
+            encodes the split at every evaluation.
     """
     names = split_image_names(split)
     if tokens is None:
@@ -413,13 +463,18 @@ def split_features(
     with progress_callback(progress, "encoding images") as callback:
         feats = image_features(
             ImageEncoder.of(model),
-            FileImages([split.image_path(n) for n in names]),
+            FileImages([split.image_path(n) for n in names], crops=crops),
             cache,
             tokens=tokens,
             batch_size=batch_size,
             progress=callback,
         )
     return feats.table(names)
+
+
+def split_crops(split: CIRSplit, transform: Any) -> DecodedCrops:
+    """The decoded crops of a split's images, in :func:`split_features`' order."""
+    return DecodedCrops([split.image_path(n) for n in split_image_names(split)], transform)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from cirlab.data.fashioniq import training_captions
 from cirlab.data.pseudo_targets import PseudoTargetOptions, records_for, split_requests
 from cirlab.features.cache import FeatureCache
 from cirlab.features.corpus import CorpusFeatures, IndexEntry, encode_corpus, entry_pixels, gather_index
-from cirlab.features.images import FileImages, ImageEncoder, cached_pair_table, image_features
+from cirlab.features.images import DecodedCrops, FileImages, ImageEncoder, cached_pair_table, image_features
 from cirlab.features.table import FeatureTable
 from cirlab.methods.base import DataRequest
 from cirlab.training.data import PixelTable, Triplet
@@ -70,6 +70,7 @@ class CorpusSource(SplitSource):
         self._encoded: dict[tuple[str, bool], CorpusFeatures] = {}
         self._splits: dict[str, CIRSplit] = {}
         self._features: dict[tuple[str, str, bool], FeatureTable] = {}
+        self._crops: dict[tuple[str, str], DecodedCrops] = {}
 
     def describe(self) -> str:
         o = self.options

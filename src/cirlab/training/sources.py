@@ -30,16 +30,18 @@ import torch
 from cirlab.data.benchmark import CIRSplit
 from cirlab.data.circo import load_circo
 from cirlab.data.cirr import load_cirr
-from cirlab.data.images import load_image
 from cirlab.data.pseudo_targets import PseudoTargetOptions, shapes_pseudo_targets
 from cirlab.data.shapes import ShapesWorld, read_triplets
 from cirlab.features.cache import FeatureCache
 from cirlab.features.images import (
+    DECODED_CROPS_MAX_BYTES,
     ArrayImages,
+    DecodedCrops,
     FileImages,
     ImageEncoder,
     cached_pair_table,
     image_features,
+    split_crops,
     split_features,
     split_image_names,
 )
@@ -70,11 +72,13 @@ class SplitSource(ABC):
 
     A subclass loads its splits in ``split``, names the data kinds it serves in ``servers`` (each with the function
     that serves a request of that kind) and sets ``cache`` (the feature cache) and ``_features`` (an empty dict) in
-    its constructor; split features are then computed once per (split, backbone, token need).
+    its constructor, and ``_crops`` (an empty dict); split features are then computed once per (split, backbone,
+    token need), and a fine-tuned encoder's splits are decoded once.
     """
 
     cache: FeatureCache
     _features: dict[tuple[str, str, bool], FeatureTable]
+    _crops: dict[tuple[str, str], DecodedCrops]
 
     @abstractmethod
     def split(self, name: str) -> CIRSplit:
@@ -113,10 +117,14 @@ class SplitSource(ABC):
         frozen, else fresh encodings by its own (fine-tuned) image encoder, in eval mode."""
         if method.image_encoder_frozen:
             return self.features(name, method.backbone, method.needs_image_tokens)
+        # Encoded at every evaluation while the encoder trains: the split's files are decoded once and kept.
+        key = (name, method.backbone.image_transform.identity())
+        if key not in self._crops:
+            self._crops[key] = split_crops(self.split(name), method.backbone.image_transform)
         was_training = method.training
         method.eval()
         try:
-            return split_features(method, self.split(name))
+            return split_features(method, self.split(name), crops=self._crops[key])
         finally:
             method.train(was_training)
 
@@ -136,6 +144,7 @@ class ShapesSource(SplitSource):
         self.captions_per_image = captions_per_image
         self._splits: dict[str, CIRSplit] = {}
         self._features: dict[tuple[str, str, bool], FeatureTable] = {}
+        self._crops: dict[tuple[str, str], DecodedCrops] = {}
         self._corpus = None
 
     # -- evaluation splits -----------------------------------------------------------------------------------------
@@ -264,37 +273,17 @@ class ShapesSource(SplitSource):
         return StageData(images=table, triplets=triplets, info={"triplets": keep, "corrupted": corrupted})
 
 
-PIXEL_MEMO_MAX_BYTES = 1 << 30
-"""The most memory ``file_pixels`` keeps decoded images in (1 GiB: every image of the Shapes world's train split,
-about a twelfth of CIRR's at 224 pixels)."""
-
-
 def file_pixels(
-    backbone: Any, paths: Sequence[str | Path], max_bytes: int = PIXEL_MEMO_MAX_BYTES
+    backbone: Any, paths: Sequence[str | Path], max_bytes: int = DECODED_CROPS_MAX_BYTES
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``rows -> pixels (B, 3, S, S)``: the image files at ``rows``, decoded and preprocessed on the backbone device
     (the pixel source of a ``PixelTable`` whose images are files).
 
-    A fine-tuning stage reads each image many times, and decoding it was a quarter of such a step on the Shapes
-    world, so each image's cropped uint8 pixels are kept after its first read, up to ``max_bytes``; later images
-    are decoded at every read. The pixels are the same either way.
+    A fine-tuning stage reads each image many times, and decoding it was a sixth of such a step on the Shapes
+    world, so each image is decoded once and its crop kept (``DecodedCrops``, up to ``max_bytes``).
     """
-    transform = backbone.image_transform
-    capacity = max_bytes // (transform.size * transform.size * 3)
-    memo: dict[int, np.ndarray] = {}
-
-    def crop(i: int) -> np.ndarray:
-        if i in memo:
-            return memo[i]
-        array = transform.to_uint8(load_image(paths[i]))
-        if len(memo) < capacity:
-            memo[i] = array
-        return array
-
-    def pixels(rows: torch.Tensor) -> torch.Tensor:
-        return transform.from_uint8(np.stack([crop(i) for i in rows.tolist()])).to(backbone.device)
-
-    return pixels
+    crops = DecodedCrops(paths, backbone.image_transform, max_bytes)
+    return lambda rows: crops.pixels(rows.tolist()).to(backbone.device)
 
 
 def _array_pixels(backbone: Any, images: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
