@@ -160,3 +160,36 @@ def test_a_row_the_seed_cannot_change_is_evaluated_once_for_every_seed(monkeypat
     assert calls == [("sum", 0), ("pic2word", 0), ("pic2word", 1), ("pic2word", 2)]
     assert len(results["methods"]["sum"]["runs"]) == 3
     assert results["methods"]["pic2word"]["summary"]["cirr/val"]["all"]["recall_at_1"]["std"] > 0
+
+
+def test_a_study_trains_its_missing_runs_in_worker_processes(quick_shapes_root, tmp_path):
+    from cirlab.experiments.runs import is_trained, run_of
+    from cirlab.experiments.shapes_env import prepare_shapes
+    from cirlab.experiments.study import Row, run_study
+    from cirlab.experiments.workers import TrainTask, pending_tasks
+
+    env = prepare_shapes(quick=True, root=quick_shapes_root, log=lambda message: None)
+    assert env.spec["quick"] and env.spec["root"] == str(quick_shapes_root)
+    p2w = ("mapping.steps=2", "mapping.eval_every=2")
+    comb = ("finetune.steps=2", "finetune.eval_every=2", "combiner.steps=2", "combiner.eval_every=2")
+    rows = [Row("sum", "sum"), Row("p2w", "pic2word", overrides=p2w), Row("comb", "combiner", overrides=comb)]
+    runs = tmp_path / "runs"
+    tasks = [TrainTask("pic2word", p2w, 0), TrainTask("combiner", comb, 0), TrainTask("pic2word", p2w, 0)]
+    # Each run once, the supervised (longest) first.
+    assert pending_tasks(env, tasks, True, runs, False) == [tasks[1], tasks[0]]
+
+    logs: list[str] = []
+    results = run_study(env, rows, [0], quick=True, runs=runs, log=logs.append, jobs=2)
+    assert "training 2 runs, 2 at a time (1 thread(s) each)" in logs
+    assert sum("trained in" in line and "in a worker" in line for line in logs) == 2
+    for method, overrides in [("pic2word", p2w), ("combiner", comb)]:
+        assert is_trained(run_of(method, env, 0, True, runs, overrides)[1])
+    assert set(results["methods"]) == {"sum", "p2w", "comb"}
+    assert results["methods"]["comb"]["train"][0]["finetune"]["steps"] == 1  # 2 x an eighth, at least 1
+
+    logs.clear()  # a second study finds the runs and trains nothing
+    again = run_study(env, rows, [0], quick=True, runs=runs, log=logs.append, jobs=2)
+    assert not any("trained in" in line or line.startswith("training") for line in logs)
+    assert again["methods"]["comb"]["summary"] == results["methods"]["comb"]["summary"]
+    assert pending_tasks(env, tasks, True, runs, False) == []
+    assert pending_tasks(env, tasks, True, runs, True) == [tasks[1], tasks[0]]  # force: every run again

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cirlab.experiments import SHAPES_ROOT
+from cirlab.experiments import SHAPES_ROOT, default_jobs
 
 
 def shapes_generate_cmd(
@@ -88,6 +88,9 @@ def shapes_calibrate_cmd(
     ),
     pretrain: Annotated[bool, typer.Option("--pretrain", help="Pretrain the CLIP instead of the shipped one.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain every row.")] = False,
+    jobs: Annotated[
+        int, typer.Option("--jobs", min=1, help="Runs trained at once, in worker processes (1: in this one).")
+    ] = default_jobs(),
 ) -> None:
     """Check that the Shapes world can tell CIR methods apart: backbone, published order, headroom.
 
@@ -105,7 +108,7 @@ def shapes_calibrate_cmd(
 
     t0 = time.perf_counter()
     env = prepare_shapes(quick=quick, root=root, log=typer.echo, pretrain=pretrain)
-    report = calibrate(env, list(range(seeds)), quick, runs, force, log=typer.echo)
+    report = calibrate(env, list(range(seeds)), quick, runs, force, log=typer.echo, jobs=jobs)
     report["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "calibration.json", report)

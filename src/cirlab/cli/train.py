@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cirlab.experiments import SHAPES_ROOT
+from cirlab.experiments import SHAPES_ROOT, default_jobs
 
 TRAIN_LOCK = ".cirlab-train.lock"
 """Held (``flock``) in a checkpoint directory while ``cirlab train`` writes into it."""
@@ -108,6 +108,12 @@ def demo_cmd(
     pretrain: Annotated[
         bool, typer.Option("--pretrain", help="Pretrain the Shapes CLIP instead of using the shipped one.")
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", min=1, help="Runs trained at once, in worker processes sharing the CPU threads (1: in this one)."
+        ),
+    ] = default_jobs(),
 ) -> None:
     """Run the main job on the Shapes world: build it, take its CLIP, train and evaluate every method.
 
@@ -133,7 +139,9 @@ def demo_cmd(
     env = prepare_shapes(quick=quick, root=root, force=force, log=typer.echo, pretrain=pretrain)
     clip = ", ".join(f"{k} {v:.1f}" for k, v in env.clip_metrics.items())
     typer.echo(f"Shapes CLIP zero-shot retrieval on held-out scenes (%): {clip}")
-    results = run_demo(env, out, methods, seeds=tuple(range(seeds)), quick=quick, force=force, log=typer.echo)
+    results = run_demo(
+        env, out, methods, seeds=tuple(range(seeds)), quick=quick, force=force, log=typer.echo, jobs=jobs
+    )
     results["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)

@@ -180,13 +180,15 @@ def calibrate(
     runs: Path,
     force: bool = False,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Measures the backbone and the calibration rows on validation and test; returns the report with its checks."""
+    """Measures the backbone and the calibration rows on validation and test (training ``jobs`` runs at a time,
+    ``run_study``); returns the report with its checks."""
     log("backbone: held-out scenes and the target-caption oracle")
     backbone = backbone_report(env)
     rows = [Row(name, name, method_kind(name)) for name in ROWS]
     splits = [name for pair in SPLITS.values() for name in pair]
-    results = run_study(env, rows, seeds, quick, runs, force, log, splits=splits)
+    results = run_study(env, rows, seeds, quick, runs, force, log, splits=splits, jobs=jobs)
     report = {"quick": quick, "seeds": list(seeds), "world": env.world.world_id, "backbone": backbone, "rows": results}
     report["checks"] = [dataclasses.asdict(c) for c in checks(report, quick)]
     report["passed"] = all(c["passed"] for c in report["checks"])

@@ -36,8 +36,10 @@ def run_demo(
     quick: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Trains (or reuses) and evaluates every method; returns the results dict written to ``results.json``."""
+    """Trains (or reuses) and evaluates every method, training ``jobs`` runs at a time (``run_study``); returns the
+    results dict written to ``results.json``."""
     rows = [Row(name, name, method_kind(name)) for name in methods or default_methods()]
     split = env.source.split("cirr/test1")
     showcase = {"queries": showcase_queries(env)}
@@ -50,7 +52,7 @@ def run_demo(
         for q, ranked in zip(showcase["queries"], top_k(method, split, feats, picks), strict=True):
             q["top5"][row.label] = ranked
 
-    results = run_study(env, rows, seeds, quick, Path(out) / "methods", force, log, on_run=collect_top5)
+    results = run_study(env, rows, seeds, quick, Path(out) / "methods", force, log, on_run=collect_top5, jobs=jobs)
     results["showcase"] = showcase
     return results
 

@@ -87,17 +87,11 @@ def _reuse_earlier_stages(runs: Path, prefix: str, run_dir: Path, keys: dict[str
     return copied
 
 
-def train_or_load(
-    name: str, env: ShapesEnv, seed: int, quick: bool, runs: Path, force: bool, overrides: Sequence[str] = ()
-) -> tuple[Any, dict[str, Any]]:
-    """The method trained with its Shapes preset plus ``overrides`` (reused when an identical run exists in
-    ``runs``); returns it and its report. A new run first copies the earlier stages it shares with a finished run
-    (same stage keys), so ablations of a later stage do not retrain the stages before it.
-
-    A method that generates texts (CIReVL, LDRE, OSrCIR) gets the world's stand-in models
-    (``cirlab.experiments.standins``) and ``seed`` as its sampling seed; its texts are kept with the run, in
-    ``<run>/generations.jsonl``, so evaluating it again runs no model.
-    """
+def run_of(
+    name: str, env: ShapesEnv, seed: int, quick: bool, runs: Path, overrides: Sequence[str] = ()
+) -> tuple[Any, Path]:
+    """The run config of ``name`` with its Shapes preset plus ``overrides`` for ``seed`` (steps scaled on the quick
+    world), and the folder its run is kept in under ``runs`` (named by a digest of all of it)."""
     cls = METHODS.get(name)
     run_cfg = load_run_config(name, "shapes", overrides)
     if quick:
@@ -109,7 +103,35 @@ def train_or_load(
         run_cfg = dataclasses.replace(run_cfg, method=dataclasses.replace(method_cfg, seed=seed))
     identity = [env.backbone.identity(), env.world.world_id]
     key = config_digest([to_dict(run_cfg), *identity], 10)
-    run_dir = Path(runs) / f"{name}-s{seed}-{key}"
+    return run_cfg, Path(runs) / f"{name}-s{seed}-{key}"
+
+
+def is_trained(run_dir: Path) -> bool:
+    """Whether a run folder holds a finished run."""
+    return (run_dir / "train_report.json").is_file()
+
+
+def train_or_load(
+    name: str,
+    env: ShapesEnv,
+    seed: int,
+    quick: bool,
+    runs: Path,
+    force: bool,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """The method trained with its Shapes preset plus ``overrides`` (reused when an identical run exists in
+    ``runs``); returns it and its report. A new run first copies the earlier stages it shares with a finished run
+    (same stage keys), so ablations of a later stage do not retrain the stages before it.
+
+    A method that generates texts (CIReVL, LDRE, OSrCIR) gets the world's stand-in models
+    (``cirlab.experiments.standins``) and ``seed`` as its sampling seed; its texts are kept with the run, in
+    ``<run>/generations.jsonl``, so evaluating it again runs no model. ``progress`` shows the training bars.
+    """
+    cls = METHODS.get(name)
+    run_cfg, run_dir = run_of(name, env, seed, quick, runs, overrides)
+    identity = [env.backbone.identity(), env.world.world_id]
     if not cls.stages:
         method = create_method(name, env.backbone, run_cfg.method).eval()
         if cls.generators:
@@ -118,13 +140,13 @@ def train_or_load(
                 texts.unlink(missing_ok=True)
             method.text_cache = TextCache(texts)
         return method, {}
-    if (run_dir / "train_report.json").is_file() and not force:
+    if is_trained(run_dir) and not force:
         return load_method(run_dir, backbone=env.backbone), json.loads((run_dir / "train_report.json").read_text())
     keys = _stage_keys(cls, run_cfg, identity)
     reused = [] if force else _reuse_earlier_stages(Path(runs), f"{name}-s{seed}", run_dir, keys)
     torch.manual_seed(seed)
     method = create_method(name, env.backbone, run_cfg.method)
-    report = fit(method, env.source, run_cfg, run_dir, progress=True)
+    report = fit(method, env.source, run_cfg, run_dir, progress=progress)
     for stage, stage_key in keys.items():
         atomic_write_text(run_dir / "stages" / stage / "stage_key", stage_key + "\n")
         if stage in reused:

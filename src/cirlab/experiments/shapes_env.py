@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,18 @@ good enough to measure methods with)."""
 
 @dataclass
 class ShapesEnv:
-    """A ready Shapes world: the world, its CLIP (frozen), the training/evaluation source and the CLIP's metrics."""
+    """A ready Shapes world: the world, its CLIP (frozen), the training/evaluation source and the CLIP's metrics.
+
+    ``spec`` holds the ``prepare_shapes`` arguments that give this environment again (worker processes rebuild it
+    from them; everything is then reused from disk).
+    """
 
     world: ShapesWorld
     backbone: Any
     source: ShapesSource
     clip_metrics: dict[str, float]
     clip_dir: Path
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 def clip_config(world: ShapesConfig, quick: bool = False) -> CLIPPretrainConfig:
@@ -125,4 +130,5 @@ def prepare_shapes(
     found = None if pretrain else _shipped(world, log)
     backbone, metrics, clip_dir = found or _pretrained(world, quick, seed, root, force, log)
     cache = FeatureCache(Path(cache_dir) if cache_dir else root / "features")
-    return ShapesEnv(world, backbone, ShapesSource(world, cache), metrics, clip_dir)
+    spec = {"quick": quick, "seed": seed, "root": str(root), "cache_dir": cache_dir and str(cache_dir)}
+    return ShapesEnv(world, backbone, ShapesSource(world, cache), metrics, clip_dir, {**spec, "pretrain": pretrain})

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from cirlab.config import apply_overrides
-from cirlab.experiments import SHAPES_ROOT
+from cirlab.experiments import SHAPES_ROOT, default_jobs
 from cirlab.experiments.report import markdown_table
 from cirlab.experiments.runs import TEST_SPLITS, aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
+from cirlab.experiments.workers import TrainTask, train_in_workers
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS
 
@@ -114,15 +115,27 @@ def run_study(
     log: Callable[[str], None] = print,
     on_run: OnRun | None = None,
     splits: Sequence[str] = TEST_SPLITS,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Every row for every seed on ``splits``; results in the demo's format (so ``markdown_table`` renders them).
 
     Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared (``on_run``, see
     :func:`evaluate_row`, is then called for the first of them only). A method the seed cannot change (no training
-    stage, no sampled text) is evaluated once and that result stands for every seed.
+    stage, no sampled text) is evaluated once and that result stands for every seed. With ``jobs`` > 1 the runs
+    that need training are trained first, ``jobs`` at a time in worker processes (``train_in_workers``); the
+    methods that generate texts keep training here.
     """
     results = new_results(env, seeds, quick)
     done: dict[tuple[str, tuple[str, ...], tuple[str, ...], int], dict[str, Any]] = {}
+    trained: set[tuple[str, tuple[str, ...], int]] = set()
+    if jobs > 1:
+        tasks = [
+            TrainTask(row.method, row.overrides, seed)
+            for row in rows
+            if METHODS.get(row.method).stages and not METHODS.get(row.method).generators
+            for seed in seeds
+        ]
+        trained = {(t.method, t.overrides, t.seed) for t in train_in_workers(env, tasks, quick, runs, force, jobs, log)}
     for row in rows:
         latency_split = LATENCY_SPLIT if LATENCY_SPLIT in splits else splits[0]
         per_seed, seconds = [], []
@@ -132,7 +145,9 @@ def run_study(
             key = (row.method, row.overrides, row.evaluation, seed if seeded else None)
             t0 = time.perf_counter()
             if key not in done:
-                done[key] = evaluate_row(row, env, seed, quick, runs, force, on_run, splits)
+                # A run a worker has just trained (with force, if given) is loaded, not trained again.
+                again = force and (row.method, row.overrides, seed) not in trained
+                done[key] = evaluate_row(row, env, seed, quick, runs, again, on_run, splits)
                 train_s, eval_s = done[key]["seconds"]["train"], done[key]["seconds"]["evaluate"]
                 log(f"[{row.label}] seed {seed}: {train_s:.0f} s to train or load, {eval_s:.0f} s to evaluate")
             per_seed.append(done[key])
@@ -214,13 +229,16 @@ def study_main(
         "--runs", type=Path, default=None, help="where trained runs are kept (default: runs/demo/methods, shared)"
     )
     parser.add_argument("--force", action="store_true", help="retrain every run")
+    parser.add_argument(
+        "--jobs", type=int, default=default_jobs(), help="runs trained at once, in worker processes (1: in this one)"
+    )
     args = parser.parse_args(args_list)
 
     t0 = time.perf_counter()
     env = prepare_shapes(quick=args.quick, root=args.root)
     prepared = list(prepare(env, args.quick)) if prepare is not None else []
     runs = args.runs or Path("runs") / "demo" / "methods"
-    results = run_study(env, list(rows()), list(range(args.seeds)), args.quick, runs, args.force)
+    results = run_study(env, list(rows()), list(range(args.seeds)), args.quick, runs, args.force, jobs=args.jobs)
     results["seconds"] = time.perf_counter() - t0
     results["torch_threads"] = torch.get_num_threads()
     results["command"] = " ".join(["python", os.path.relpath(script), *args_list])
