@@ -178,9 +178,13 @@ def test_a_study_trains_its_missing_runs_in_worker_processes(quick_shapes_root, 
     # Each run once, the supervised (longest) first.
     assert pending_tasks(env, tasks, True, runs, False) == [tasks[1], tasks[0]]
 
+    import torch
+
     logs: list[str] = []
+    threads = torch.get_num_threads()
     results = run_study(env, rows, [0], quick=True, runs=runs, log=logs.append, jobs=2)
-    assert "training 2 runs, 2 at a time (1 thread(s) each)" in logs
+    assert torch.get_num_threads() == threads  # the caller's threads, lent out while workers ran, are back
+    assert f"training 2 runs, 2 at a time ({max(1, threads // 2)} thread(s) each)" in logs
     assert sum("trained in" in line and "in a worker" in line for line in logs) == 2
     for method, overrides in [("pic2word", p2w), ("combiner", comb)]:
         assert is_trained(run_of(method, env, 0, True, runs, overrides)[1])

@@ -26,7 +26,7 @@ from cirlab.experiments import SHAPES_ROOT, default_jobs
 from cirlab.experiments.report import markdown_table
 from cirlab.experiments.runs import TEST_SPLITS, aggregate, evaluate_on_tests, new_results, train_or_load
 from cirlab.experiments.shapes_env import ShapesEnv, prepare_shapes
-from cirlab.experiments.workers import TrainTask, train_in_workers
+from cirlab.experiments.workers import TrainingPool, TrainTask
 from cirlab.io import atomic_write_json, atomic_write_text
 from cirlab.methods import METHODS
 
@@ -122,20 +122,34 @@ def run_study(
     Rows with the same (method, overrides, evaluation) are evaluated once per seed and shared (``on_run``, see
     :func:`evaluate_row`, is then called for the first of them only). A method the seed cannot change (no training
     stage, no sampled text) is evaluated once and that result stands for every seed. With ``jobs`` > 1 the runs
-    that need training are trained first, ``jobs`` at a time in worker processes (``train_in_workers``); the
-    methods that generate texts keep training here.
+    that need training are trained ``jobs`` at a time in worker processes (``TrainingPool``) while the rows whose
+    runs are ready are evaluated here on the cores the workers leave free; the methods that generate texts keep
+    training here.
     """
+    tasks = [
+        TrainTask(row.method, row.overrides, seed)
+        for row in rows
+        if jobs > 1 and METHODS.get(row.method).stages and not METHODS.get(row.method).generators
+        for seed in seeds
+    ]
+    with TrainingPool(env, tasks, quick, runs, force, jobs, log) as pool:
+        return _run_rows(env, rows, seeds, quick, runs, force, log, on_run, splits, pool)
+
+
+def _run_rows(
+    env: ShapesEnv,
+    rows: Sequence[Row],
+    seeds: Sequence[int],
+    quick: bool,
+    runs: Path,
+    force: bool,
+    log: Callable[[str], None],
+    on_run: OnRun | None,
+    splits: Sequence[str],
+    pool: TrainingPool,
+) -> dict[str, Any]:
     results = new_results(env, seeds, quick)
     done: dict[tuple[str, tuple[str, ...], tuple[str, ...], int], dict[str, Any]] = {}
-    trained: set[tuple[str, tuple[str, ...], int]] = set()
-    if jobs > 1:
-        tasks = [
-            TrainTask(row.method, row.overrides, seed)
-            for row in rows
-            if METHODS.get(row.method).stages and not METHODS.get(row.method).generators
-            for seed in seeds
-        ]
-        trained = {(t.method, t.overrides, t.seed) for t in train_in_workers(env, tasks, quick, runs, force, jobs, log)}
     for row in rows:
         latency_split = LATENCY_SPLIT if LATENCY_SPLIT in splits else splits[0]
         per_seed, seconds = [], []
@@ -145,8 +159,11 @@ def run_study(
             key = (row.method, row.overrides, row.evaluation, seed if seeded else None)
             t0 = time.perf_counter()
             if key not in done:
-                # A run a worker has just trained (with force, if given) is loaded, not trained again.
-                again = force and (row.method, row.overrides, seed) not in trained
+                task = TrainTask(row.method, row.overrides, seed)
+                # Evaluate on a core no worker needs, once a worker has trained the run (with force, if given: load
+                # it, do not train it again).
+                pool.wait(task)
+                again = force and task not in pool
                 done[key] = evaluate_row(row, env, seed, quick, runs, again, on_run, splits)
                 train_s, eval_s = done[key]["seconds"]["train"], done[key]["seconds"]["evaluate"]
                 log(f"[{row.label}] seed {seed}: {train_s:.0f} s to train or load, {eval_s:.0f} s to evaluate")
