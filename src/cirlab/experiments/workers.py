@@ -50,7 +50,10 @@ def _worker_env(spec: tuple[tuple[str, Any], ...]) -> ShapesEnv:
     return prepare_shapes(**dict(spec), log=lambda message: None)
 
 
-def _train(spec: tuple[tuple[str, Any], ...], task: TrainTask, quick: bool, runs: str, force: bool, threads: int):
+def _train(
+    spec: tuple[tuple[str, Any], ...], task: TrainTask, quick: bool, runs: str, force: bool, threads: int
+) -> float:
+    """Trains one task in a worker process on ``threads`` threads; returns the seconds it took."""
     torch.set_num_threads(threads)
     env = _worker_env(spec)
     t0 = time.perf_counter()
